@@ -1,0 +1,337 @@
+"""`orxaq-autonomy`: a thin command line over the library API in `mesh.py`.
+
+Every command takes `--json` and then prints exactly one JSON object on stdout. Errors are
+one line on stderr (and a JSON object on stdout with `--json`), with the SPEC's exit codes.
+Library modules are imported inside the commands so that `--help` and completion stay fast.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
+import typer
+
+if TYPE_CHECKING:
+    from .mesh import Mesh
+
+app = typer.Typer(
+    name="orxaq-autonomy",
+    help="A decentralized, git-backed event mesh. Every command takes --json.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+JsonOpt = Annotated[
+    bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")
+]
+
+
+@dataclass
+class _Globals:
+    root: Path | None = None
+    json: bool = False
+
+
+_globals = _Globals()
+
+
+@app.callback()
+def _callback(
+    root: Annotated[
+        Path | None,
+        typer.Option(
+            "--root",
+            help="Mesh root (default: $ORXAQ_AUTONOMY_ROOT, else the current directory).",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    _globals.root = root
+    _globals.json = as_json
+
+
+def _dumps(data: Any) -> str:
+    import orjson
+
+    return orjson.dumps(data, option=orjson.OPT_SORT_KEYS).decode()
+
+
+def _emit(as_json: bool, data: dict[str, Any], human: str) -> None:
+    if as_json or _globals.json:
+        sys.stdout.write(_dumps(data) + "\n")
+    elif human:
+        sys.stdout.write(human + ("" if human.endswith("\n") else "\n"))
+
+
+def _open() -> Mesh:
+    from .mesh import Mesh
+
+    return Mesh.open(_globals.root)
+
+
+def _bad(message: str) -> NoReturn:
+    from .errors import BadInput
+
+    raise BadInput(message)
+
+
+# --- mesh-init -----------------------------------------------------------------------------
+
+
+@app.command("mesh-init")
+def mesh_init(
+    node_id: Annotated[
+        str | None,
+        typer.Option(
+            "--node-id",
+            help="Node id (default: $ORXAQ_AUTONOMY_NODE_ID, else the host name), normalised.",
+            show_default=False,
+        ),
+    ] = None,
+    capability: Annotated[
+        list[str] | None,
+        typer.Option("--capability", help="A capability this node offers (repeatable)."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Create the layout, node identity, keys, manifest and .gitignore. Safe to rerun."""
+    from .mesh import Mesh
+
+    result = Mesh.init(_globals.root, node_id, capability or ())
+    changes = result.created + result.updated
+    human = (
+        f"node {result.node_id} at {result.root}: "
+        + (", ".join(changes) if changes else "already initialised, nothing changed")
+    )
+    _emit(as_json, result.as_dict(), human)
+
+
+# --- mesh-publish --------------------------------------------------------------------------
+
+
+def _read_payload(mesh: Mesh, payload_json: str | None, payload_file: str | None) -> Any:
+    import orjson
+
+    from .paths import resolve_input_file
+
+    if payload_json is not None and payload_file is not None:
+        _bad("give --payload-json or --payload-file, not both")
+    if payload_file is not None:
+        if payload_file == "-":
+            raw, where = sys.stdin.buffer.read(), "stdin"
+        else:
+            path = resolve_input_file(mesh.layout, payload_file)
+            try:
+                raw, where = path.read_bytes(), payload_file
+            except OSError as exc:
+                _bad(f"cannot read --payload-file {payload_file}: {exc.strerror}")
+    elif payload_json is not None:
+        raw, where = payload_json.encode(), "--payload-json"
+    else:
+        return {}
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        _bad(f"invalid JSON in {where}: {exc}")
+
+
+def _read_batch(defaults: dict[str, Any]) -> list[dict[str, Any]]:
+    import orjson
+
+    items: list[dict[str, Any]] = []
+    for number, line in enumerate(sys.stdin.buffer.read().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = orjson.loads(line)
+        except orjson.JSONDecodeError as exc:
+            _bad(f"stdin line {number}: invalid JSON: {exc}")
+        if not isinstance(item, dict):
+            _bad(f"stdin line {number}: need a JSON object per line")
+        items.append({**defaults, **item})
+    if not items:
+        _bad("--stdin gave no events")
+    return items
+
+
+@app.command("mesh-publish")
+def mesh_publish(
+    topic: Annotated[str | None, typer.Option("--topic", help="One segment, e.g. routing.")] = None,
+    event_type: Annotated[
+        str | None, typer.Option("--event-type", help="Dot-separated, e.g. route.requested.")
+    ] = None,
+    payload_json: Annotated[
+        str | None, typer.Option("--payload-json", help="The payload, a JSON object.")
+    ] = None,
+    payload_file: Annotated[
+        str | None,
+        typer.Option("--payload-file", help="Read the payload from a file in the root, or -."),
+    ] = None,
+    causation_id: Annotated[
+        str | None, typer.Option("--causation-id", help="The event that caused this one.")
+    ] = None,
+    correlation_id: Annotated[str | None, typer.Option("--correlation-id")] = None,
+    source: Annotated[str, typer.Option("--source", help="Who publishes.")] = "cli",
+    target: Annotated[str | None, typer.Option("--target", help="Node meant to act.")] = None,
+    partition_key: Annotated[
+        str | None, typer.Option("--partition-key", help="Events with one key run in order.")
+    ] = None,
+    tenant: Annotated[str | None, typer.Option("--tenant")] = None,
+    idempotency_key: Annotated[
+        str | None,
+        typer.Option("--idempotency-key", help="A repeat returns the first event, appends none."),
+    ] = None,
+    stdin: Annotated[
+        bool,
+        typer.Option("--stdin", help="Batch: one JSON object per line; all appended or none."),
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Append one event (or a batch with --stdin) to this node's log, durably."""
+    mesh = _open()
+    options: dict[str, Any] = {
+        "topic": topic,
+        "event_type": event_type,
+        "causation_id": causation_id,
+        "correlation_id": correlation_id,
+        "source": source,
+        "target": target,
+        "partition_key": partition_key,
+        "tenant": tenant,
+        "idempotency_key": idempotency_key,
+    }
+    if stdin:
+        if payload_json is not None or payload_file is not None:
+            _bad("--stdin reads payloads from its lines; drop --payload-json/--payload-file")
+        defaults = {k: v for k, v in options.items() if v is not None}
+        results = mesh.publish_many(_read_batch(defaults), default_source=source)
+        fresh = [r for r in results if not r.duplicate]
+        summary = {
+            "count": len(results),
+            "appended": len(fresh),
+            "duplicates": len(results) - len(fresh),
+            "first_seq": fresh[0].seq if fresh else None,
+            "last_seq": fresh[-1].seq if fresh else None,
+            "events": [
+                {"event_id": r.event_id, "seq": r.seq, "duplicate": r.duplicate} for r in results
+            ],
+        }
+        human = f"appended {len(fresh)} events" + (
+            f" (seq {fresh[0].seq}-{fresh[-1].seq})" if fresh else ""
+        )
+        if len(results) != len(fresh):
+            human += f", {len(results) - len(fresh)} duplicates skipped"
+        _emit(as_json, summary, human)
+        return
+    if topic is None or event_type is None:
+        _bad("mesh-publish needs --topic and --event-type (or --stdin)")
+    payload = _read_payload(mesh, payload_json, payload_file)
+    fields = {k: v for k, v in options.items() if v is not None and k not in ("topic", "event_type")}
+    result = mesh.publish(topic, event_type, payload, **fields)
+    data: dict[str, Any] = {
+        "event_id": result.event_id,
+        "seq": result.seq,
+        "duplicate": result.duplicate,
+    }
+    if result.envelope is not None:
+        data["event"] = result.envelope
+    suffix = " (duplicate: already published)" if result.duplicate else ""
+    _emit(as_json, data, f"{result.event_id} seq {result.seq}{suffix}")
+
+
+# --- mesh-log ------------------------------------------------------------------------------
+
+
+def _one_line(event: dict[str, Any]) -> str:
+    payload = _dumps(event["payload"])
+    if len(payload) > 80:
+        payload = payload[:77] + "..."
+    return (
+        f"{event['timestamp']}  {event['node_id']}#{event['seq']}  "
+        f"{event['topic']}.{event['event_type']}  {event['event_id'][:16]}  {payload}"
+    )
+
+
+@app.command("mesh-log")
+def mesh_log(
+    match: Annotated[
+        str | None,
+        typer.Option("--match", help="Routing-key pattern: * one segment, # zero or more."),
+    ] = None,
+    node: Annotated[str | None, typer.Option("--node", help="Only events by this node.")] = None,
+    since: Annotated[
+        str | None, typer.Option("--since", help="Only events at or after this RFC 3339 time.")
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", help="Only the most recent N matching events.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Query the local log, oldest first."""
+    events = _open().events(match=match, node=node, since=since, limit=limit)
+    if as_json or _globals.json:
+        sys.stdout.write(_dumps({"events": events}) + "\n")
+        return
+    sys.stdout.write("".join(_one_line(e) + "\n" for e in events))
+
+
+# --- mesh-status ---------------------------------------------------------------------------
+
+
+@app.command("mesh-status")
+def mesh_status(as_json: JsonOpt = False) -> None:
+    """Node, counts, heads, unexported events and quarantined items."""
+    status = _open().status()
+    log = status["log"]
+    lines = [
+        f"node        {status['node_id']}  ({status['root']})",
+        f"log         {log['events']} events, {log['bytes']} bytes, clock {log['clock']}",
+        f"own         seq {status['own']['seq']}, {status['unexported']} not yet exported",
+        f"authors     {len(status['authors'])} nodes in the log",
+        f"quarantined {status['quarantined']['incidents']} incidents"
+        + (f" in {status['quarantined']['dir']}" if status["quarantined"]["incidents"] else ""),
+    ]
+    for node_id, info in status["nodes"].items():
+        lines.append(f"  manifest  {node_id}: head seq {info['head'].get('seq', 0)}")
+    _emit(as_json, status, "\n".join(lines))
+
+
+# --- entry point ---------------------------------------------------------------------------
+
+
+def _fail(code: int, message: str, as_json: bool) -> NoReturn:
+    message = " ".join(message.split())  # always one line
+    if as_json:
+        sys.stdout.write(_dumps({"error": {"code": code, "message": message}}) + "\n")
+    sys.stderr.write(f"orxaq-autonomy: error: {message}\n")
+    sys.exit(code)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .errors import EXIT_BAD_INPUT, MeshError
+
+    args = sys.argv[1:] if argv is None else argv
+    as_json = "--json" in args
+    try:
+        code = app(args=args, prog_name="orxaq-autonomy", standalone_mode=False)
+    except MeshError as exc:
+        _fail(exc.exit_code, exc.message, as_json)
+    except typer.TyperException as exc:
+        _fail(exc.exit_code or EXIT_BAD_INPUT, exc.format_message(), as_json)
+    except (typer.Abort, KeyboardInterrupt):
+        _fail(130, "interrupted", as_json)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
+    except Exception as exc:
+        if os.environ.get("ORXAQ_AUTONOMY_DEBUG"):
+            raise
+        _fail(1, f"internal error: {type(exc).__name__}: {exc}", as_json)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,0 +1,380 @@
+"""The event envelope, format v1: validation, canonical form, content-hash ids.
+
+An envelope is a plain dict (it is JSON on disk and on the wire). `Draft` holds what a
+publisher chooses; `seal` adds what the log assigns (seq, prev, clock, timestamp) and the
+id. `parse_envelope` is the strict reader used for anything that did not come from `seal`.
+See docs/format.md for the byte-exact canonical form.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+from .errors import BadInput
+from .secretscan import find_secret
+
+FORMAT_VERSION = 1
+MAX_EVENT_BYTES = 1024 * 1024
+MAX_FIELD_CHARS = 256
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+
+Envelope = dict[str, Any]
+
+NODE_ID_RE = re.compile(r"[a-z0-9][a-z0-9.-]{0,62}")
+TOPIC_RE = re.compile(r"[a-z0-9_-]+")
+EVENT_TYPE_RE = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")
+EVENT_ID_RE = re.compile(r"evt_[0-9a-f]{64}")
+SIG_RE = re.compile(r"ed25519:[A-Za-z0-9_-]{86}")
+TIMESTAMP_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+_INVALID_NODE_CHARS_RE = re.compile(r"[^a-z0-9.-]")
+
+REQUIRED_FIELDS = frozenset(
+    {"v", "event_id", "node_id", "seq", "clock", "timestamp", "topic", "event_type", "source",
+     "payload"}
+)
+# Optional publisher-chosen string fields, in the order the CLI documents them.
+OPTIONAL_FIELDS = (
+    "causation_id",
+    "correlation_id",
+    "target",
+    "partition_key",
+    "tenant",
+    "idempotency_key",
+)
+ALL_FIELDS = REQUIRED_FIELDS | set(OPTIONAL_FIELDS) | {"prev", "sig"}
+
+_DUMP_OPTS = orjson.OPT_SORT_KEYS
+
+
+# --- field rules -------------------------------------------------------------------------
+
+
+def normalise_node_id(raw: str) -> str:
+    """Lower-case and replace characters outside `[a-z0-9.-]` with `-`; refuse the rest."""
+    norm = _INVALID_NODE_CHARS_RE.sub("-", raw.strip().lower())
+    if not NODE_ID_RE.fullmatch(norm):
+        raise BadInput(
+            f"bad node id {raw!r}: need 1-63 characters of [a-z0-9.-], "
+            "starting with a letter or digit"
+        )
+    return norm
+
+
+def check_node_id(value: Any, what: str = "node_id") -> str:
+    if not isinstance(value, str) or not NODE_ID_RE.fullmatch(value):
+        raise BadInput(f"bad {what} {value!r}: need 1-63 characters of [a-z0-9.-]")
+    return value
+
+
+def check_topic(value: Any) -> str:
+    if not isinstance(value, str) or not TOPIC_RE.fullmatch(value):
+        raise BadInput(f"bad topic {value!r}: need one segment of [a-z0-9_-]+")
+    return value
+
+
+def check_event_type(value: Any) -> str:
+    if not isinstance(value, str) or not EVENT_TYPE_RE.fullmatch(value):
+        raise BadInput(
+            f"bad event type {value!r}: need dot-separated segments of [a-z0-9_-]+"
+        )
+    return value
+
+
+def check_event_id(value: Any, what: str = "event id") -> str:
+    if not isinstance(value, str) or not EVENT_ID_RE.fullmatch(value):
+        raise BadInput(f"bad {what} {value!r}: need evt_ followed by 64 lower-case hex digits")
+    return value
+
+
+def check_text(value: Any, what: str) -> str:
+    if not isinstance(value, str) or not value or len(value) > MAX_FIELD_CHARS:
+        raise BadInput(f"bad {what} {value!r}: need a string of 1-{MAX_FIELD_CHARS} characters")
+    if _CONTROL_RE.search(value):
+        raise BadInput(f"bad {what} {value!r}: control characters are not allowed")
+    return value
+
+
+def format_timestamp(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def now_timestamp() -> str:
+    return format_timestamp(datetime.now(UTC))
+
+
+def normalise_timestamp(raw: Any, what: str = "timestamp") -> str:
+    """Any RFC 3339 time with an offset becomes UTC with microseconds and `Z`."""
+    if isinstance(raw, str) and TIMESTAMP_RE.fullmatch(raw):
+        return raw
+    try:
+        if not isinstance(raw, str) or len(raw) < 20 or raw[10] not in "Tt ":
+            raise ValueError
+        moment = datetime.fromisoformat(raw.upper().replace("Z", "+00:00"))
+    except ValueError:
+        raise BadInput(
+            f"bad {what} {raw!r}: need RFC 3339, e.g. 2026-11-22T12:34:56Z"
+        ) from None
+    if moment.tzinfo is None:
+        raise BadInput(f"bad {what} {raw!r}: RFC 3339 needs an offset or Z")
+    return format_timestamp(moment)
+
+
+def check_payload(payload: Any) -> dict[str, Any]:
+    if not isinstance(payload, dict):
+        raise BadInput(f"bad payload: need a JSON object, got {_json_type(payload)}")
+    problem = _json_problem(payload, "payload", 0)
+    if problem:
+        raise BadInput(f"bad payload: {problem}")
+    secret = find_secret(payload)
+    if secret:
+        raise BadInput(f"refused payload: {secret}; keep secrets out of events")
+    return payload
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return type(value).__name__
+
+
+def _json_problem(value: Any, path: str, depth: int) -> str | None:
+    """Why `value` is not canonical-safe JSON, or None. Depth is capped to keep it cheap."""
+    if depth > 64:
+        return f"{path} nests deeper than 64 levels"
+    if isinstance(value, str) or value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        if INT64_MIN <= value <= INT64_MAX:
+            return None
+        return f"{path} is an integer outside signed 64 bit"
+    if isinstance(value, float):
+        return None if math.isfinite(value) else f"{path} is not a finite number"
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"{path} has a non-string key {key!r}"
+            problem = _json_problem(item, f"{path}.{key}", depth + 1)
+            if problem:
+                return problem
+        return None
+    if isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            problem = _json_problem(item, f"{path}[{i}]", depth + 1)
+            if problem:
+                return problem
+        return None
+    return f"{path} is a {type(value).__name__}, not JSON"
+
+
+# --- drafts and sealing ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Draft:
+    """What a publisher chooses. Build with `Draft.create`, which validates everything."""
+
+    topic: str
+    event_type: str
+    payload: dict[str, Any]
+    source: str
+    timestamp: str | None = None
+    causation_id: str | None = None
+    correlation_id: str | None = None
+    target: str | None = None
+    partition_key: str | None = None
+    tenant: str | None = None
+    idempotency_key: str | None = None
+
+    @classmethod
+    def create(
+        cls,
+        topic: Any,
+        event_type: Any,
+        payload: Any = None,
+        *,
+        source: Any = "api",
+        timestamp: Any = None,
+        causation_id: Any = None,
+        correlation_id: Any = None,
+        target: Any = None,
+        partition_key: Any = None,
+        tenant: Any = None,
+        idempotency_key: Any = None,
+    ) -> Draft:
+        return cls(
+            topic=check_topic(topic),
+            event_type=check_event_type(event_type),
+            payload=check_payload({} if payload is None else payload),
+            source=check_text(source, "source"),
+            timestamp=None if timestamp is None else normalise_timestamp(timestamp),
+            causation_id=None if causation_id is None else check_event_id(
+                causation_id, "causation id"
+            ),
+            correlation_id=None if correlation_id is None else check_text(
+                correlation_id, "correlation id"
+            ),
+            target=None if target is None else normalise_node_id(check_text(target, "target")),
+            partition_key=None if partition_key is None else check_text(
+                partition_key, "partition key"
+            ),
+            tenant=None if tenant is None else check_text(tenant, "tenant"),
+            idempotency_key=None if idempotency_key is None else check_text(
+                idempotency_key, "idempotency key"
+            ),
+        )
+
+    @classmethod
+    def from_mapping(cls, fields: dict[str, Any], default_source: str = "api") -> Draft:
+        """A draft from a JSON object such as one `mesh-publish --stdin` line."""
+        allowed = {"topic", "event_type", "payload", "source", "timestamp", *OPTIONAL_FIELDS}
+        unknown = sorted(set(fields) - allowed)
+        if unknown:
+            raise BadInput(f"unknown field {unknown[0]!r}; allowed: {', '.join(sorted(allowed))}")
+        for name in ("topic", "event_type"):
+            if name not in fields:
+                raise BadInput(f"missing field {name!r}")
+        # Null means unset for the optional fields; a null payload is still refused.
+        values = {k: v for k, v in fields.items() if v is not None or k == "payload"}
+        if "payload" in values and values["payload"] is None:
+            raise BadInput("bad payload: need a JSON object, got null")
+        values.setdefault("source", default_source)
+        return cls.create(**values)
+
+    @property
+    def routing_key(self) -> str:
+        return f"{self.topic}.{self.event_type}"
+
+
+def canonical_bytes(body: dict[str, Any]) -> bytes:
+    """The canonical form: JSON, keys sorted, no whitespace, UTF-8 (docs/format.md)."""
+    return orjson.dumps(body, option=_DUMP_OPTS)
+
+
+def compute_event_id(envelope: dict[str, Any]) -> str:
+    body = {k: v for k, v in envelope.items() if k != "event_id" and k != "sig"}
+    return "evt_" + hashlib.sha256(canonical_bytes(body)).hexdigest()
+
+
+def seal(
+    draft: Draft, *, node_id: str, seq: int, prev: str | None, clock: int, timestamp: str
+) -> tuple[Envelope, bytes]:
+    """Assign the log's fields and the id; return the envelope and its log line (no newline)."""
+    body: Envelope = {
+        "v": FORMAT_VERSION,
+        "node_id": node_id,
+        "seq": seq,
+        "clock": clock,
+        "timestamp": draft.timestamp or timestamp,
+        "topic": draft.topic,
+        "event_type": draft.event_type,
+        "source": draft.source,
+        "payload": draft.payload,
+    }
+    if prev is not None:
+        body["prev"] = prev
+    for name in OPTIONAL_FIELDS:
+        value = getattr(draft, name)
+        if value is not None:
+            body[name] = value
+    body["event_id"] = "evt_" + hashlib.sha256(orjson.dumps(body, option=_DUMP_OPTS)).hexdigest()
+    line = orjson.dumps(body, option=_DUMP_OPTS)
+    if len(line) > MAX_EVENT_BYTES:
+        raise BadInput(
+            f"event too large: {len(line)} bytes serialised, the limit is {MAX_EVENT_BYTES}"
+        )
+    return body, line
+
+
+def routing_key(envelope: Envelope) -> str:
+    return f"{envelope['topic']}.{envelope['event_type']}"
+
+
+# --- strict parsing ----------------------------------------------------------------------
+
+
+class InvalidEnvelope(BadInput):
+    """A serialised envelope that is not a valid v1 event."""
+
+
+def parse_envelope(data: bytes | str) -> Envelope:
+    """Parse and fully check one serialised envelope, including its content-hash id."""
+    if len(data) > MAX_EVENT_BYTES:
+        raise InvalidEnvelope(f"event too large: {len(data)} bytes, the limit is {MAX_EVENT_BYTES}")
+    try:
+        env = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidEnvelope(f"not valid JSON: {exc}") from None
+    check_envelope(env)
+    return env  # type: ignore[no-any-return]
+
+
+def check_envelope(env: Any) -> None:
+    try:
+        _check_envelope(env)
+    except InvalidEnvelope:
+        raise
+    except BadInput as exc:
+        raise InvalidEnvelope(exc.message) from None
+
+
+def _check_envelope(env: Any) -> None:
+    if not isinstance(env, dict):
+        raise InvalidEnvelope(f"an envelope must be a JSON object, got {_json_type(env)}")
+    missing = sorted(REQUIRED_FIELDS - env.keys())
+    if missing:
+        raise InvalidEnvelope(f"missing field {missing[0]!r}")
+    unknown = sorted(env.keys() - ALL_FIELDS)
+    if unknown:
+        raise InvalidEnvelope(f"unknown field {unknown[0]!r}")
+    nulls = sorted(k for k, v in env.items() if v is None)
+    if nulls:
+        raise InvalidEnvelope(f"field {nulls[0]!r} is null; unset fields must be omitted")
+    if env["v"] != FORMAT_VERSION or isinstance(env["v"], bool):
+        raise InvalidEnvelope(f"unsupported format version {env['v']!r}")
+    check_node_id(env["node_id"])
+    for name in ("seq", "clock"):
+        value = env[name]
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= INT64_MAX:
+            raise InvalidEnvelope(f"bad {name} {value!r}: need a positive integer")
+    if env["seq"] == 1:
+        if "prev" in env:
+            raise InvalidEnvelope("seq 1 must not have prev")
+    elif "prev" not in env:
+        raise InvalidEnvelope(f"seq {env['seq']} needs prev")
+    else:
+        check_event_id(env["prev"], "prev")
+    if not isinstance(env["timestamp"], str) or not TIMESTAMP_RE.fullmatch(env["timestamp"]):
+        raise InvalidEnvelope(f"bad timestamp {env['timestamp']!r}: need UTC with microseconds")
+    check_topic(env["topic"])
+    check_event_type(env["event_type"])
+    check_text(env["source"], "source")
+    check_payload(env["payload"])
+    if "causation_id" in env:
+        check_event_id(env["causation_id"], "causation id")
+    if "target" in env:
+        check_node_id(env["target"], "target")
+    for name in ("correlation_id", "partition_key", "tenant", "idempotency_key"):
+        if name in env:
+            check_text(env[name], name.replace("_", " "))
+    if "sig" in env and (not isinstance(env["sig"], str) or not SIG_RE.fullmatch(env["sig"])):
+        raise InvalidEnvelope("bad sig: need ed25519: followed by 86 base64url characters")
+    check_event_id(env["event_id"])
+    expected = compute_event_id(env)
+    if env["event_id"] != expected:
+        raise InvalidEnvelope(f"event_id does not match content (content hashes to {expected})")

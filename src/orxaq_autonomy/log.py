@@ -1,0 +1,460 @@
+"""The node's durable, append-only event log (NDJSON) and its tail index.
+
+One mechanism gives atomic batches, crash recovery and constant-cost appends:
+
+- Lines are appended to `events.ndjson` and fsynced under an exclusive file lock.
+- Then one SQLite transaction commits the new tail (`log_size`, clock, per-node seq and
+  last id) together with the id and idempotency index rows. That commit is the commit
+  point of the batch: `publish` reports success only after it.
+- Bytes past the committed `log_size` can only come from a writer that died before its
+  commit (a torn line, or a whole unacknowledged batch). Under the lock they are moved to
+  `quarantine/` and the log is truncated back, so a batch is all-or-none and a torn line
+  is never merged with the next event.
+
+Nothing here reads the whole log except `rebuild`, which runs only when the index is
+missing or does not belong to the log (for example a restored backup).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .envelope import Draft, Envelope, InvalidEnvelope, now_timestamp, parse_envelope, seal
+from .errors import BadInput, OperationFailed
+from .fsutil import FileLock, fsync_dir
+
+_SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE tail (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    log_size INTEGER NOT NULL,     -- committed bytes of the log
+    last_offset INTEGER NOT NULL,  -- start of the last committed line
+    last_event_id TEXT,            -- the id on that line: proves the log is the indexed one
+    clock INTEGER NOT NULL,        -- highest Lamport clock in the log
+    count INTEGER NOT NULL,
+    quarantined INTEGER NOT NULL   -- uncommitted tails moved to quarantine/
+);
+INSERT INTO tail VALUES (1, 0, 0, NULL, 0, 0, 0);
+CREATE TABLE events (
+    id BLOB PRIMARY KEY,           -- the 32 raw bytes behind evt_<hex>
+    offset INTEGER NOT NULL,
+    node TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    causation BLOB
+) WITHOUT ROWID;
+CREATE INDEX events_causation ON events (causation) WHERE causation IS NOT NULL;
+CREATE TABLE nodes (
+    node TEXT PRIMARY KEY,
+    last_seq INTEGER NOT NULL,
+    last_id TEXT NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE idempotency (
+    node TEXT NOT NULL,
+    tenant TEXT NOT NULL,
+    key TEXT NOT NULL,
+    event_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    PRIMARY KEY (node, tenant, key)
+) WITHOUT ROWID;
+"""
+
+_READ_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Tail:
+    log_size: int
+    last_offset: int
+    last_event_id: str | None
+    clock: int
+    count: int
+    quarantined: int
+
+
+@dataclass(frozen=True)
+class Appended:
+    """The outcome for one draft: a new event, or the earlier one its idempotency key names."""
+
+    event_id: str
+    seq: int
+    duplicate: bool
+    envelope: Envelope | None = None  # None for duplicates
+
+
+def _id_bytes(event_id: str) -> bytes:
+    return bytes.fromhex(event_id[4:])
+
+
+def _quarantine_name(offset: int) -> str:
+    stamp = now_timestamp().replace("-", "").replace(":", "").replace(".", "")
+    return f"log-{stamp}-at-{offset}.ndjson"
+
+
+class EventLog:
+    """Append-only NDJSON log plus its SQLite tail index. Safe across processes."""
+
+    def __init__(self, path: Path, index_path: Path, lock_path: Path, quarantine_dir: Path):
+        self.path = path
+        self.index_path = index_path
+        self.lock_path = lock_path
+        self.quarantine_dir = quarantine_dir
+        self._db: sqlite3.Connection | None = None
+
+    # --- index ------------------------------------------------------------------------
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            self.index_path.parent.mkdir(parents=True, exist_ok=True)
+            db = sqlite3.connect(self.index_path, isolation_level=None, timeout=60)
+            db.execute("PRAGMA synchronous=FULL")
+            if db.execute("PRAGMA user_version").fetchone()[0] != _SCHEMA_VERSION:
+                with FileLock(self.lock_path):
+                    if db.execute("PRAGMA user_version").fetchone()[0] != _SCHEMA_VERSION:
+                        db.execute("PRAGMA journal_mode=WAL")
+                        db.executescript(
+                            f"BEGIN; {_SCHEMA} PRAGMA user_version={_SCHEMA_VERSION}; COMMIT;"
+                        )
+                        self._db = db
+                        if self._file_size() > 0:
+                            self.rebuild()  # a log that predates this index
+            self._db = db
+        return self._db
+
+    def close(self) -> None:
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+    def _tail(self) -> Tail:
+        row = self.db.execute(
+            "SELECT log_size, last_offset, last_event_id, clock, count, quarantined FROM tail"
+        ).fetchone()
+        return Tail(*row)
+
+    def _file_size(self) -> int:
+        try:
+            return os.stat(self.path).st_size
+        except FileNotFoundError:
+            return 0
+
+    def _last_line_matches(self, tail: Tail) -> bool:
+        if tail.count == 0:
+            return tail.log_size == 0
+        try:
+            with open(self.path, "rb") as fh:
+                fh.seek(tail.last_offset)
+                line = fh.read(tail.log_size - tail.last_offset)
+            return bool(orjson.loads(line).get("event_id") == tail.last_event_id)
+        except (OSError, orjson.JSONDecodeError, AttributeError):
+            return False
+
+    # --- consistency ------------------------------------------------------------------
+
+    def committed(self) -> Tail:
+        """The committed tail, recovering first if a crashed writer left bytes behind."""
+        tail = self._tail()
+        if self._file_size() == tail.log_size and self._last_line_matches(tail):
+            return tail
+        with FileLock(self.lock_path):
+            return self._recover()
+
+    def _recover(self) -> Tail:
+        """Bring log and index into agreement. Caller holds the lock."""
+        tail = self._tail()
+        size = self._file_size()
+        if size < tail.log_size or not self._last_line_matches(tail):
+            return self.rebuild()
+        if size > tail.log_size:
+            self._quarantine_from(tail.log_size, size)
+            self.db.execute("UPDATE tail SET quarantined = quarantined + 1")
+            tail = self._tail()
+        return tail
+
+    def _quarantine_from(self, offset: int, size: int) -> None:
+        """Move the uncommitted bytes [offset, size) to quarantine/ and truncate the log."""
+        self.quarantine_dir.mkdir(parents=True, exist_ok=True)
+        target = self.quarantine_dir / _quarantine_name(offset)
+        with open(self.path, "rb") as src:
+            src.seek(offset)
+            data = src.read(size - offset)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        fsync_dir(self.quarantine_dir)
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, offset)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def rebuild(self) -> Tail:
+        """Re-index the whole log. Caller holds the lock. Used only when the index is lost."""
+        size = self._file_size()
+        good_size = size
+        rows: list[tuple[bytes, int, str, int, bytes | None]] = []
+        nodes: dict[str, tuple[int, str]] = {}
+        idem: list[tuple[str, str, str, str, int]] = []
+        clock = 0
+        last_offset, last_id = 0, None
+        for offset, line in self._iter_raw(0, size):
+            if not line.endswith(b"\n"):
+                good_size = offset  # a torn last line: quarantined below
+                break
+            try:
+                env = parse_envelope(line[:-1])
+            except InvalidEnvelope as exc:
+                raise OperationFailed(
+                    f"log {self.path} is corrupt at byte {offset}: {exc.message}; "
+                    "move it aside to start a new one"
+                ) from None
+            rows.append(_index_row(env, offset))
+            nodes[env["node_id"]] = (env["seq"], env["event_id"])
+            if "idempotency_key" in env:
+                idem.append(_idem_row(env))
+            clock = max(clock, env["clock"])
+            last_offset, last_id = offset, env["event_id"]
+        db = self.db
+        tail = self._tail()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("DELETE FROM events")
+            db.execute("DELETE FROM nodes")
+            db.execute("DELETE FROM idempotency")
+            db.executemany("INSERT OR IGNORE INTO events VALUES (?,?,?,?,?)", rows)
+            db.executemany(
+                "INSERT INTO nodes VALUES (?,?,?)", [(n, s, i) for n, (s, i) in nodes.items()]
+            )
+            db.executemany("INSERT OR IGNORE INTO idempotency VALUES (?,?,?,?,?)", idem)
+            quarantined = tail.quarantined + (1 if good_size < size else 0)
+            db.execute(
+                "UPDATE tail SET log_size=?, last_offset=?, last_event_id=?, clock=?, count=?, "
+                "quarantined=?",
+                (good_size, last_offset, last_id, clock, len(rows), quarantined),
+            )
+            if good_size < size:
+                self._quarantine_from(good_size, size)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return self._tail()
+
+    # --- appending --------------------------------------------------------------------
+
+    def append(self, drafts: Sequence[Draft], node_id: str) -> list[Appended]:
+        """Seal and append `drafts` as `node_id`'s next events: all of them, or none."""
+        with FileLock(self.lock_path):
+            tail = self._recover()
+            db = self.db
+            row = db.execute(
+                "SELECT last_seq, last_id FROM nodes WHERE node = ?", (node_id,)
+            ).fetchone()
+            seq, prev = (row[0], row[1]) if row else (0, None)
+            clock = tail.clock
+            timestamp = now_timestamp()
+            results: list[Appended] = []
+            lines: list[bytes] = []
+            index_rows: list[tuple[bytes, int, str, int, bytes | None]] = []
+            idem_rows: list[tuple[str, str, str, str, int]] = []
+            batch_keys: dict[tuple[str, str], Appended] = {}
+            offset = tail.log_size
+            for draft in drafts:
+                if draft.idempotency_key is not None:
+                    key = (draft.tenant or "", draft.idempotency_key)
+                    earlier = batch_keys.get(key) or self._idempotent_hit(node_id, key)
+                    if earlier is not None:
+                        results.append(earlier)
+                        continue
+                seq += 1
+                clock += 1
+                env, line = seal(
+                    draft, node_id=node_id, seq=seq, prev=prev, clock=clock, timestamp=timestamp
+                )
+                prev = env["event_id"]
+                index_rows.append(_index_row(env, offset))
+                if draft.idempotency_key is not None:
+                    idem_rows.append(_idem_row(env))
+                    batch_keys[key] = Appended(prev, seq, True)
+                lines.append(line)
+                offset += len(line) + 1
+                results.append(Appended(prev, seq, False, env))
+            if not lines:
+                return results
+            self._write(b"\n".join(lines) + b"\n", tail.log_size)
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("INSERT INTO events VALUES (?,?,?,?,?)", index_rows)
+                db.executemany("INSERT INTO idempotency VALUES (?,?,?,?,?)", idem_rows)
+                db.execute("INSERT OR REPLACE INTO nodes VALUES (?,?,?)", (node_id, seq, prev))
+                db.execute(
+                    "UPDATE tail SET log_size=?, last_offset=?, last_event_id=?, clock=?, "
+                    "count=count+?",
+                    (offset, index_rows[-1][1], prev, clock, len(lines)),
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            return results
+
+    def _idempotent_hit(self, node_id: str, key: tuple[str, str]) -> Appended | None:
+        row = self.db.execute(
+            "SELECT event_id, seq FROM idempotency WHERE node=? AND tenant=? AND key=?",
+            (node_id, *key),
+        ).fetchone()
+        return Appended(row[0], row[1], True) if row else None
+
+    def _write(self, data: bytes, expected_size: int) -> None:
+        created = not self.path.exists()
+        if created:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            view = memoryview(data)
+            try:
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            except OSError as exc:
+                os.ftruncate(fd, expected_size)  # leave no partial batch behind
+                raise OperationFailed(f"could not append to {self.path}: {exc}") from None
+        finally:
+            os.close(fd)
+        if created:
+            fsync_dir(self.path.parent)
+
+    # --- reading ----------------------------------------------------------------------
+
+    def _iter_raw(self, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+        """(offset, line) for lines in [start, end); the last may lack its newline."""
+        if end <= start:
+            return
+        with open(self.path, "rb") as fh:
+            fh.seek(start)
+            pos, rest = start, b""
+            while pos < end:
+                chunk = fh.read(min(_READ_CHUNK, end - pos))
+                if not chunk:
+                    break
+                pos += len(chunk)
+                data = rest + chunk
+                begin = 0
+                base = pos - len(data)
+                while True:
+                    nl = data.find(b"\n", begin)
+                    if nl < 0:
+                        break
+                    yield base + begin, data[begin : nl + 1]
+                    begin = nl + 1
+                rest = data[begin:]
+            if rest:
+                yield pos - len(rest), rest
+
+    def iter_events(self, start: int = 0, end: int | None = None) -> Iterator[Envelope]:
+        """Committed events in arrival order, from byte `start`."""
+        stop = self.committed().log_size if end is None else end
+        for _, line in self._iter_raw(start, stop):
+            yield orjson.loads(line)
+
+    def iter_events_reverse(self, end: int | None = None) -> Iterator[Envelope]:
+        """Committed events newest first, reading backwards: cost grows with what is taken."""
+        pos = self.committed().log_size if end is None else end
+        with open(self.path, "rb") as fh:
+            carry = b""  # the head of a line that starts in an earlier chunk
+            while pos > 0:
+                step = min(_READ_CHUNK, pos)
+                pos -= step
+                fh.seek(pos)
+                data = fh.read(step) + carry
+                if pos > 0:
+                    cut = data.find(b"\n") + 1
+                    if cut == 0:
+                        carry = data
+                        continue
+                    carry, data = data[:cut], data[cut:]
+                for line in reversed(data.split(b"\n")):
+                    if line:
+                        yield orjson.loads(line)
+
+    def read_at(self, offset: int) -> Envelope:
+        with open(self.path, "rb") as fh:
+            fh.seek(offset)
+            line = fh.readline()
+        result: Envelope = orjson.loads(line)
+        return result
+
+    # --- lookups ----------------------------------------------------------------------
+
+    def resolve(self, ref: str) -> str:
+        """The full event id for an id or a unique prefix (`evt_3fa9`, `3fa9`)."""
+        digits = ref[4:] if ref.startswith("evt_") else ref
+        if not 1 <= len(digits) <= 64 or any(c not in "0123456789abcdef" for c in digits):
+            raise BadInput(f"bad event id {ref!r}: need evt_ and up to 64 lower-case hex digits")
+        self.committed()
+        low = bytes.fromhex(digits.ljust(64, "0"))
+        high = bytes.fromhex(digits.ljust(64, "f"))
+        found = self.db.execute(
+            "SELECT id FROM events WHERE id BETWEEN ? AND ? LIMIT 2", (low, high)
+        ).fetchall()
+        if not found:
+            raise BadInput(f"unknown event id {ref!r}")
+        if len(found) > 1:
+            raise BadInput(f"ambiguous event id prefix {ref!r}: give more digits")
+        return "evt_" + bytes(found[0][0]).hex()
+
+    def get(self, event_id: str) -> Envelope | None:
+        row = self.db.execute(
+            "SELECT offset FROM events WHERE id = ?", (_id_bytes(event_id),)
+        ).fetchone()
+        return None if row is None else self.read_at(row[0])
+
+    def contains(self, event_id: str) -> bool:
+        return (
+            self.db.execute(
+                "SELECT 1 FROM events WHERE id = ?", (_id_bytes(event_id),)
+            ).fetchone()
+            is not None
+        )
+
+    def node_heads(self) -> dict[str, dict[str, Any]]:
+        """Per authoring node: the last seq and event id this log holds."""
+        self.committed()
+        return {
+            node: {"seq": seq, "event_id": last_id}
+            for node, seq, last_id in self.db.execute(
+                "SELECT node, last_seq, last_id FROM nodes ORDER BY node"
+            )
+        }
+
+
+def _index_row(env: Envelope, offset: int) -> tuple[bytes, int, str, int, bytes | None]:
+    cause = env.get("causation_id")
+    return (
+        _id_bytes(env["event_id"]),
+        offset,
+        env["node_id"],
+        env["seq"],
+        None if cause is None else _id_bytes(cause),
+    )
+
+
+def _idem_row(env: Envelope) -> tuple[str, str, str, str, int]:
+    return (
+        env["node_id"],
+        env.get("tenant", ""),
+        env["idempotency_key"],
+        env["event_id"],
+        env["seq"],
+    )

@@ -1,0 +1,209 @@
+"""The library API: one `Mesh` per root. The CLI is a thin layer over these methods.
+
+    from orxaq_autonomy import Mesh
+    mesh = Mesh.open("/srv/fleet")               # a root that ran `mesh-init`
+    result = mesh.publish("routing", "route.requested", {"task_id": "task-17"})
+    for event in mesh.events(match="routing.#", limit=10):
+        print(event["seq"], event["event_type"])
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from .envelope import (
+    EVENT_ID_RE,
+    Draft,
+    Envelope,
+    check_node_id,
+    normalise_timestamp,
+    routing_key,
+)
+from .errors import BadInput
+from .fsutil import read_json
+from .log import Appended, EventLog
+from .node import Identity, InitResult, init_node, load_identity
+from .paths import Layout, resolve_layout
+from .patterns import compile_pattern
+
+
+class Mesh:
+    """A node's view of the mesh: its identity, its log and the ledger folder."""
+
+    def __init__(self, layout: Layout, identity: Identity) -> None:
+        self.layout = layout
+        self.identity = identity
+        self.log = EventLog(
+            layout.log_file, layout.index_file, layout.log_lock, layout.quarantine_dir
+        )
+
+    @classmethod
+    def open(
+        cls, root: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+    ) -> Mesh:
+        """Open an initialised root (else `$ORXAQ_AUTONOMY_ROOT`, else the current directory)."""
+        layout = resolve_layout(root, env)
+        return cls(layout, load_identity(layout, env))
+
+    @staticmethod
+    def init(
+        root: str | os.PathLike[str] | None = None,
+        node_id: str | None = None,
+        capabilities: Iterable[str] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> InitResult:
+        """Create the layout, identity, keys, manifest and .gitignore (idempotent)."""
+        return init_node(resolve_layout(root, env), node_id, capabilities, env)
+
+    @property
+    def node_id(self) -> str:
+        return self.identity.node_id
+
+    def close(self) -> None:
+        self.log.close()
+
+    def __enter__(self) -> Mesh:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- publishing -------------------------------------------------------------------
+
+    def publish(
+        self,
+        topic: str,
+        event_type: str,
+        payload: Any = None,
+        **fields: Any,
+    ) -> Appended:
+        """Append one event, durably. Optional fields: source, causation_id, correlation_id,
+        target, partition_key, tenant, idempotency_key, timestamp."""
+        fields.setdefault("source", "api")
+        if "causation_id" in fields and fields["causation_id"] is not None:
+            fields["causation_id"] = self._causation(fields["causation_id"])
+        draft = Draft.create(topic, event_type, payload, **fields)
+        return self.publish_drafts([draft])[0]
+
+    def publish_many(
+        self, items: Iterable[Mapping[str, Any]], default_source: str = "api"
+    ) -> list[Appended]:
+        """Validate every item, then append all of them or none."""
+        drafts = []
+        for number, item in enumerate(items, 1):
+            try:
+                fields = dict(item)
+                if fields.get("causation_id") is not None:
+                    fields["causation_id"] = self._causation(fields["causation_id"])
+                drafts.append(Draft.from_mapping(fields, default_source))
+            except BadInput as exc:
+                raise BadInput(f"item {number}: {exc.message}") from None
+        return self.publish_drafts(drafts)
+
+    def publish_drafts(self, drafts: list[Draft]) -> list[Appended]:
+        return self.log.append(drafts, self.node_id)
+
+    def _causation(self, ref: Any) -> Any:
+        """A full id is taken as given (its event may not be imported yet); a prefix must
+        name exactly one event in the local log."""
+        if isinstance(ref, str) and not EVENT_ID_RE.fullmatch(ref):
+            return self.resolve_event_id(ref)
+        return ref
+
+    # --- reading ----------------------------------------------------------------------
+
+    def resolve_event_id(self, ref: str) -> str:
+        """A full event id from an id or a unique prefix."""
+        return self.log.resolve(ref)
+
+    def get(self, ref: str) -> Envelope:
+        event = self.log.get(self.resolve_event_id(ref))
+        if event is None:  # resolve() found it in the index
+            raise BadInput(f"unknown event id {ref!r}")
+        return event
+
+    def events(
+        self,
+        match: str | None = None,
+        node: str | None = None,
+        since: str | None = None,
+        limit: int | None = None,
+    ) -> list[Envelope]:
+        """Events in arrival order, filtered; with `limit`, the most recent `limit` of them."""
+        pattern = compile_pattern(match) if match else None
+        if node is not None:
+            check_node_id(node, "node id")
+        since_ts = normalise_timestamp(since, "since") if since is not None else None
+        if limit is not None and limit < 1:
+            raise BadInput(f"bad limit {limit}: need a positive integer")
+
+        def keep(event: Envelope) -> bool:
+            return (
+                (node is None or event["node_id"] == node)
+                and (since_ts is None or event["timestamp"] >= since_ts)
+                and (pattern is None or pattern.matches(routing_key(event)))
+            )
+
+        if limit is None:
+            return [e for e in self.log.iter_events() if keep(e)]
+        picked: list[Envelope] = []
+        for event in self.log.iter_events_reverse():
+            if keep(event):
+                picked.append(event)
+                if len(picked) == limit:
+                    break
+        picked.reverse()
+        return picked
+
+    def iter_events(self, start: int = 0) -> Iterator[Envelope]:
+        return self.log.iter_events(start)
+
+    def status(self) -> dict[str, Any]:
+        """Counts and heads from the index and the ledger's manifests; never scans the log."""
+        tail = self.log.committed()
+        heads = self.log.node_heads()
+        own = heads.get(self.node_id, {"seq": 0})
+        manifests = self._manifests()
+        exported = manifests.get(self.node_id, {}).get("head", {}).get("seq", 0)
+        quarantine = sorted(p.name for p in self.layout.quarantine_dir.glob("*.ndjson"))
+        return {
+            "node_id": self.node_id,
+            "root": str(self.layout.root),
+            "capabilities": list(self.identity.capabilities),
+            "log": {
+                "path": str(self.layout.log_file),
+                "bytes": tail.log_size,
+                "events": tail.count,
+                "clock": tail.clock,
+            },
+            "own": {"seq": own["seq"], "event_id": own.get("event_id")},
+            "unexported": max(0, own["seq"] - int(exported)),
+            "authors": heads,
+            "nodes": {
+                node_id: {
+                    "capabilities": m.get("capabilities", []),
+                    "head": m.get("head", {}),
+                }
+                for node_id, m in sorted(manifests.items())
+            },
+            "quarantined": {
+                "incidents": tail.quarantined,
+                "files": quarantine,
+                "dir": str(self.layout.quarantine_dir),
+            },
+            "last_sync": None,
+        }
+
+    def _manifests(self) -> dict[str, dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        for path in sorted(Path(self.layout.nodes_dir).glob("*.json")):
+            try:
+                data = read_json(path)
+            except (OSError, ValueError):
+                continue
+            if isinstance(data, dict) and data.get("node_id") == path.stem:
+                found[path.stem] = data
+        return found

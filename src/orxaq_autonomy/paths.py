@@ -1,0 +1,111 @@
+"""Where everything lives under a root, with the orxaq-ops environment overrides."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BadInput
+
+ENV_ROOT = "ORXAQ_AUTONOMY_ROOT"
+ENV_NODE_ID = "ORXAQ_AUTONOMY_NODE_ID"
+ENV_LOG_FILE = "ORXAQ_AUTONOMY_EVENT_MESH_FILE"
+ENV_STATE_DIR = "ORXAQ_AUTONOMY_EVENT_MESH_STATE_DIR"
+ENV_LEDGER_DIR = "ORXAQ_AUTONOMY_GITHUB_COORDINATION_DIR"
+
+DEFAULT_LOG_FILE = Path("artifacts/autonomy/event_mesh/events.ndjson")
+DEFAULT_STATE_DIR = Path("state/event_mesh")
+DEFAULT_LEDGER_DIR = Path("state/github_coordination/event_mesh")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Every path the mesh reads or writes for one root."""
+
+    root: Path
+    log_file: Path
+    state_dir: Path
+    ledger_dir: Path  # the git-tracked coordination folder (outbox/, nodes/)
+
+    @property
+    def node_file(self) -> Path:
+        return self.state_dir / "node.json"
+
+    @property
+    def index_file(self) -> Path:
+        return self.state_dir / "log_index.sqlite3"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.state_dir / "keys"
+
+    @property
+    def private_key_file(self) -> Path:
+        return self.keys_dir / "ed25519.key"
+
+    @property
+    def locks_dir(self) -> Path:
+        return self.state_dir / "locks"
+
+    @property
+    def log_lock(self) -> Path:
+        return self.locks_dir / "log.lock"
+
+    @property
+    def quarantine_dir(self) -> Path:
+        return self.state_dir / "quarantine"
+
+    @property
+    def outbox_root(self) -> Path:
+        return self.ledger_dir / "outbox"
+
+    @property
+    def nodes_dir(self) -> Path:
+        return self.ledger_dir / "nodes"
+
+    def outbox_dir(self, node_id: str) -> Path:
+        return self.outbox_root / node_id
+
+    def manifest_file(self, node_id: str) -> Path:
+        return self.nodes_dir / f"{node_id}.json"
+
+    def relative(self, path: Path) -> str:
+        return path.relative_to(self.root).as_posix()
+
+
+def resolve_root(root: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Path:
+    raw = root if root is not None else env.get(ENV_ROOT) or os.getcwd()
+    return Path(raw).expanduser().resolve()
+
+
+def _inside(root: Path, raw: str | None, default: Path, variable: str) -> Path:
+    if not raw:
+        return root / default
+    path = (root / Path(raw).expanduser()).resolve()
+    if not path.is_relative_to(root):
+        raise BadInput(f"{variable}={raw} escapes the root {root}")
+    return path
+
+
+def resolve_layout(
+    root: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> Layout:
+    """The layout for `root` (else $ORXAQ_AUTONOMY_ROOT, else the current directory)."""
+    env = os.environ if env is None else env
+    base = resolve_root(root, env)
+    return Layout(
+        root=base,
+        log_file=_inside(base, env.get(ENV_LOG_FILE), DEFAULT_LOG_FILE, ENV_LOG_FILE),
+        state_dir=_inside(base, env.get(ENV_STATE_DIR), DEFAULT_STATE_DIR, ENV_STATE_DIR),
+        ledger_dir=_inside(base, env.get(ENV_LEDGER_DIR), DEFAULT_LEDGER_DIR, ENV_LEDGER_DIR),
+    )
+
+
+def resolve_input_file(layout: Layout, raw: str) -> Path:
+    """A file the user names as input; it must stay inside the root (SPEC 8)."""
+    path = (layout.root / Path(raw).expanduser()).resolve()
+    if not path.is_relative_to(layout.root):
+        raise BadInput(f"path {raw} escapes the root {layout.root}")
+    return path
