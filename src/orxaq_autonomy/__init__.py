@@ -26,7 +26,20 @@ _EXPORTS = {
     "Appended": "log",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "Appended",
+    "BadInput",
+    "Draft",
+    "Envelope",
+    "Mesh",
+    "MeshError",
+    "OperationFailed",
+    "Pattern",
+    "canonical_bytes",
+    "compute_event_id",
+    "matches",
+    "parse_envelope",
+]
 
 if TYPE_CHECKING:
     from .envelope import Draft, Envelope, canonical_bytes, compute_event_id, parse_envelope

@@ -27,9 +27,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-JsonOpt = Annotated[
-    bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")
-]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON object on stdout.")]
 
 
 @dataclass
@@ -106,9 +104,8 @@ def mesh_init(
 
     result = Mesh.init(_globals.root, node_id, capability or ())
     changes = result.created + result.updated
-    human = (
-        f"node {result.node_id} at {result.root}: "
-        + (", ".join(changes) if changes else "already initialised, nothing changed")
+    human = f"node {result.node_id} at {result.root}: " + (
+        ", ".join(changes) if changes else "already initialised, nothing changed"
     )
     _emit(as_json, result.as_dict(), human)
 
@@ -233,7 +230,9 @@ def mesh_publish(
     if topic is None or event_type is None:
         _bad("mesh-publish needs --topic and --event-type (or --stdin)")
     payload = _read_payload(mesh, payload_json, payload_file)
-    fields = {k: v for k, v in options.items() if v is not None and k not in ("topic", "event_type")}
+    fields = {
+        k: v for k, v in options.items() if v is not None and k not in ("topic", "event_type")
+    }
     result = mesh.publish(topic, event_type, payload, **fields)
     data: dict[str, Any] = {
         "event_id": result.event_id,

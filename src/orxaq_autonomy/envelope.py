@@ -37,8 +37,18 @@ _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 _INVALID_NODE_CHARS_RE = re.compile(r"[^a-z0-9.-]")
 
 REQUIRED_FIELDS = frozenset(
-    {"v", "event_id", "node_id", "seq", "clock", "timestamp", "topic", "event_type", "source",
-     "payload"}
+    {
+        "v",
+        "event_id",
+        "node_id",
+        "seq",
+        "clock",
+        "timestamp",
+        "topic",
+        "event_type",
+        "source",
+        "payload",
+    }
 )
 # Optional publisher-chosen string fields, in the order the CLI documents them.
 OPTIONAL_FIELDS = (
@@ -82,9 +92,7 @@ def check_topic(value: Any) -> str:
 
 def check_event_type(value: Any) -> str:
     if not isinstance(value, str) or not EVENT_TYPE_RE.fullmatch(value):
-        raise BadInput(
-            f"bad event type {value!r}: need dot-separated segments of [a-z0-9_-]+"
-        )
+        raise BadInput(f"bad event type {value!r}: need dot-separated segments of [a-z0-9_-]+")
     return value
 
 
@@ -119,9 +127,7 @@ def normalise_timestamp(raw: Any, what: str = "timestamp") -> str:
             raise ValueError
         moment = datetime.fromisoformat(raw.upper().replace("Z", "+00:00"))
     except ValueError:
-        raise BadInput(
-            f"bad {what} {raw!r}: need RFC 3339, e.g. 2026-11-22T12:34:56Z"
-        ) from None
+        raise BadInput(f"bad {what} {raw!r}: need RFC 3339, e.g. 2026-11-22T12:34:56Z") from None
     if moment.tzinfo is None:
         raise BadInput(f"bad {what} {raw!r}: RFC 3339 needs an offset or Z")
     return format_timestamp(moment)
@@ -223,20 +229,20 @@ class Draft:
             payload=check_payload({} if payload is None else payload),
             source=check_text(source, "source"),
             timestamp=None if timestamp is None else normalise_timestamp(timestamp),
-            causation_id=None if causation_id is None else check_event_id(
-                causation_id, "causation id"
-            ),
-            correlation_id=None if correlation_id is None else check_text(
-                correlation_id, "correlation id"
-            ),
+            causation_id=None
+            if causation_id is None
+            else check_event_id(causation_id, "causation id"),
+            correlation_id=None
+            if correlation_id is None
+            else check_text(correlation_id, "correlation id"),
             target=None if target is None else normalise_node_id(check_text(target, "target")),
-            partition_key=None if partition_key is None else check_text(
-                partition_key, "partition key"
-            ),
+            partition_key=None
+            if partition_key is None
+            else check_text(partition_key, "partition key"),
             tenant=None if tenant is None else check_text(tenant, "tenant"),
-            idempotency_key=None if idempotency_key is None else check_text(
-                idempotency_key, "idempotency key"
-            ),
+            idempotency_key=None
+            if idempotency_key is None
+            else check_text(idempotency_key, "idempotency key"),
         )
 
     @classmethod

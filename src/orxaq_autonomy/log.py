@@ -422,9 +422,7 @@ class EventLog:
 
     def contains(self, event_id: str) -> bool:
         return (
-            self.db.execute(
-                "SELECT 1 FROM events WHERE id = ?", (_id_bytes(event_id),)
-            ).fetchone()
+            self.db.execute("SELECT 1 FROM events WHERE id = ?", (_id_bytes(event_id),)).fetchone()
             is not None
         )
 

@@ -1,10 +1,10 @@
 """The library API: one `Mesh` per root. The CLI is a thin layer over these methods.
 
-    from orxaq_autonomy import Mesh
-    mesh = Mesh.open("/srv/fleet")               # a root that ran `mesh-init`
-    result = mesh.publish("routing", "route.requested", {"task_id": "task-17"})
-    for event in mesh.events(match="routing.#", limit=10):
-        print(event["seq"], event["event_type"])
+from orxaq_autonomy import Mesh
+mesh = Mesh.open("/srv/fleet")               # a root that ran `mesh-init`
+result = mesh.publish("routing", "route.requested", {"task_id": "task-17"})
+for event in mesh.events(match="routing.#", limit=10):
+    print(event["seq"], event["event_type"])
 """
 
 from __future__ import annotations

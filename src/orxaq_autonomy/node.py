@@ -8,7 +8,6 @@ import re
 import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from .envelope import normalise_node_id, now_timestamp
@@ -72,8 +71,7 @@ def load_identity(layout: Layout, env: Mapping[str, str] | None = None) -> Ident
         identity = Identity(data["node_id"], tuple(data["capabilities"]), data["created_at"])
     except FileNotFoundError:
         raise NotInitialised(
-            f"{layout.root} is not initialised: run `orxaq-autonomy --root {layout.root} "
-            "mesh-init`"
+            f"{layout.root} is not initialised: run `orxaq-autonomy --root {layout.root} mesh-init`"
         ) from None
     except (ValueError, KeyError, TypeError) as exc:
         raise BadInput(f"{layout.node_file} is unreadable ({exc}); restore it or re-init") from None
@@ -189,9 +187,7 @@ def _init_locked(
     from .log import EventLog  # creates the index, so status works before the first publish
 
     if not layout.index_file.exists():
-        log = EventLog(
-            layout.log_file, layout.index_file, layout.log_lock, layout.quarantine_dir
-        )
+        log = EventLog(layout.log_file, layout.index_file, layout.log_lock, layout.quarantine_dir)
         log.committed()
         log.close()
         created.append(layout.relative(layout.index_file))
