@@ -66,6 +66,7 @@ CREATE TABLE idempotency (
 """
 
 _READ_CHUNK = 1 << 20
+_WRITE_CHUNK = 4 << 20  # large batches go out in bounded write() calls
 
 
 @dataclass(frozen=True)
@@ -325,7 +326,7 @@ class EventLog:
             view = memoryview(data)
             try:
                 while view:
-                    view = view[os.write(fd, view) :]
+                    view = view[os.write(fd, view[:_WRITE_CHUNK]) :]
                 os.fsync(fd)
             except OSError as exc:
                 os.ftruncate(fd, expected_size)  # leave no partial batch behind
