@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from orxaq_autonomy.secretscan import find_secret
+from orxaq_autonomy.envelope import payload_problem
 
 SECRETS = [
     {"password": "correct horse battery staple"},
@@ -38,9 +38,9 @@ HARMLESS = [
 
 @pytest.mark.parametrize("payload", SECRETS)
 def test_secrets_are_found(payload: dict[str, object]) -> None:
-    assert find_secret(payload) is not None
+    assert payload_problem(payload) is not None
 
 
 @pytest.mark.parametrize("payload", HARMLESS)
 def test_look_alikes_pass(payload: dict[str, object]) -> None:
-    assert find_secret(payload) is None
+    assert payload_problem(payload) is None

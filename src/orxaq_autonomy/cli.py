@@ -7,8 +7,10 @@ Library modules are imported inside the commands so that `--help` and completion
 
 from __future__ import annotations
 
+import io
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
@@ -139,23 +141,30 @@ def _read_payload(mesh: Mesh, payload_json: str | None, payload_file: str | None
         _bad(f"invalid JSON in {where}: {exc}")
 
 
-def _read_batch(defaults: dict[str, Any]) -> list[dict[str, Any]]:
+def _read_batch(defaults: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Stdin lines as objects, lazily: the log validates and seals as it reads them."""
     import orjson
 
-    items: list[dict[str, Any]] = []
-    for number, line in enumerate(sys.stdin.buffer.read().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = orjson.loads(line)
-        except orjson.JSONDecodeError as exc:
-            _bad(f"stdin line {number}: invalid JSON: {exc}")
-        if not isinstance(item, dict):
-            _bad(f"stdin line {number}: need a JSON object per line")
-        items.append({**defaults, **item})
-    if not items:
-        _bad("--stdin gave no events")
-    return items
+    # Read everything before the log lock is taken: a slow producer must not block others.
+    data = sys.stdin.buffer.read()
+
+    def items() -> Iterator[dict[str, Any]]:
+        count = 0
+        for number, line in enumerate(io.BytesIO(data), 1):  # lazily, line by line
+            if not line.strip():
+                continue
+            try:
+                item = orjson.loads(line)
+            except orjson.JSONDecodeError as exc:
+                _bad(f"stdin line {number}: invalid JSON: {exc}")
+            if not isinstance(item, dict):
+                _bad(f"stdin line {number}: need a JSON object per line")
+            count += 1
+            yield {**defaults, **item} if defaults else item
+        if not count:
+            _bad("--stdin gave no events")
+
+    return items()
 
 
 @app.command("mesh-publish")

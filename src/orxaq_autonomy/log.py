@@ -4,8 +4,11 @@ One mechanism gives atomic batches, crash recovery and constant-cost appends:
 
 - Lines are appended to `events.ndjson` and fsynced under an exclusive file lock.
 - Then one SQLite transaction commits the new tail (`log_size`, clock, per-node seq and
-  last id) together with the id and idempotency index rows. That commit is the commit
-  point of the batch: `publish` reports success only after it.
+  last id) together with the idempotency keys. That commit is the commit point of the
+  batch: `publish` reports success only after it.
+- The id index (event id -> byte offset, causation) is a projection of the log with its
+  own cursor (`indexed_size`): lookups first index the committed lines past the cursor.
+  Appends stay free of per-event index writes, and no lookup ever re-reads old lines.
 - Bytes past the committed `log_size` can only come from a writer that died before its
   commit (a torn line, or a whole unacknowledged batch). Under the lock they are moved to
   `quarantine/` and the log is truncated back, so a batch is all-or-none and a torn line
@@ -17,12 +20,13 @@ missing or does not belong to the log (for example a restored backup).
 
 from __future__ import annotations
 
+import gc
 import os
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import orjson
 
@@ -39,14 +43,13 @@ CREATE TABLE tail (
     last_event_id TEXT,            -- the id on that line: proves the log is the indexed one
     clock INTEGER NOT NULL,        -- highest Lamport clock in the log
     count INTEGER NOT NULL,
-    quarantined INTEGER NOT NULL   -- uncommitted tails moved to quarantine/
+    quarantined INTEGER NOT NULL,  -- uncommitted tails moved to quarantine/
+    indexed_size INTEGER NOT NULL  -- the events table covers the log up to here
 );
-INSERT INTO tail VALUES (1, 0, 0, NULL, 0, 0, 0);
+INSERT INTO tail VALUES (1, 0, 0, NULL, 0, 0, 0, 0);
 CREATE TABLE events (
     id BLOB PRIMARY KEY,           -- the 32 raw bytes behind evt_<hex>
     offset INTEGER NOT NULL,
-    node TEXT NOT NULL,
-    seq INTEGER NOT NULL,
     causation BLOB
 ) WITHOUT ROWID;
 CREATE INDEX events_causation ON events (causation) WHERE causation IS NOT NULL;
@@ -79,8 +82,7 @@ class Tail:
     quarantined: int
 
 
-@dataclass(frozen=True)
-class Appended:
+class Appended(NamedTuple):
     """The outcome for one draft: a new event, or the earlier one its idempotency key names."""
 
     event_id: str
@@ -116,6 +118,7 @@ class EventLog:
             self.index_path.parent.mkdir(parents=True, exist_ok=True)
             db = sqlite3.connect(self.index_path, isolation_level=None, timeout=60)
             db.execute("PRAGMA synchronous=FULL")
+            db.execute("PRAGMA cache_size=-65536")  # 64 MiB: large batches stay in memory
             if db.execute("PRAGMA user_version").fetchone()[0] != _SCHEMA_VERSION:
                 with FileLock(self.lock_path):
                     if db.execute("PRAGMA user_version").fetchone()[0] != _SCHEMA_VERSION:
@@ -204,7 +207,7 @@ class EventLog:
         """Re-index the whole log. Caller holds the lock. Used only when the index is lost."""
         size = self._file_size()
         good_size = size
-        rows: list[tuple[bytes, int, str, int, bytes | None]] = []
+        count = 0
         nodes: dict[str, tuple[int, str]] = {}
         idem: list[tuple[str, str, str, str, int]] = []
         clock = 0
@@ -220,7 +223,7 @@ class EventLog:
                     f"log {self.path} is corrupt at byte {offset}: {exc.message}; "
                     "move it aside to start a new one"
                 ) from None
-            rows.append(_index_row(env, offset))
+            count += 1
             nodes[env["node_id"]] = (env["seq"], env["event_id"])
             if "idempotency_key" in env:
                 idem.append(_idem_row(env))
@@ -233,7 +236,6 @@ class EventLog:
             db.execute("DELETE FROM events")
             db.execute("DELETE FROM nodes")
             db.execute("DELETE FROM idempotency")
-            db.executemany("INSERT OR IGNORE INTO events VALUES (?,?,?,?,?)", rows)
             db.executemany(
                 "INSERT INTO nodes VALUES (?,?,?)", [(n, s, i) for n, (s, i) in nodes.items()]
             )
@@ -241,8 +243,8 @@ class EventLog:
             quarantined = tail.quarantined + (1 if good_size < size else 0)
             db.execute(
                 "UPDATE tail SET log_size=?, last_offset=?, last_event_id=?, clock=?, count=?, "
-                "quarantined=?",
-                (good_size, last_offset, last_id, clock, len(rows), quarantined),
+                "quarantined=?, indexed_size=0",
+                (good_size, last_offset, last_id, clock, count, quarantined),
             )
             if good_size < size:
                 self._quarantine_from(good_size, size)
@@ -254,61 +256,80 @@ class EventLog:
 
     # --- appending --------------------------------------------------------------------
 
-    def append(self, drafts: Sequence[Draft], node_id: str) -> list[Appended]:
-        """Seal and append `drafts` as `node_id`'s next events: all of them, or none."""
-        with FileLock(self.lock_path):
-            tail = self._recover()
-            db = self.db
-            row = db.execute(
-                "SELECT last_seq, last_id FROM nodes WHERE node = ?", (node_id,)
-            ).fetchone()
-            seq, prev = (row[0], row[1]) if row else (0, None)
-            clock = tail.clock
-            timestamp = now_timestamp()
-            results: list[Appended] = []
-            lines: list[bytes] = []
-            index_rows: list[tuple[bytes, int, str, int, bytes | None]] = []
-            idem_rows: list[tuple[str, str, str, str, int]] = []
-            batch_keys: dict[tuple[str, str], Appended] = {}
-            offset = tail.log_size
-            for draft in drafts:
-                if draft.idempotency_key is not None:
-                    key = (draft.tenant or "", draft.idempotency_key)
-                    earlier = batch_keys.get(key) or self._idempotent_hit(node_id, key)
-                    if earlier is not None:
-                        results.append(earlier)
-                        continue
-                seq += 1
-                clock += 1
-                env, line = seal(
-                    draft, node_id=node_id, seq=seq, prev=prev, clock=clock, timestamp=timestamp
-                )
-                prev = env["event_id"]
-                index_rows.append(_index_row(env, offset))
-                if draft.idempotency_key is not None:
-                    idem_rows.append(_idem_row(env))
-                    batch_keys[key] = Appended(prev, seq, True)
-                lines.append(line)
-                offset += len(line) + 1
-                results.append(Appended(prev, seq, False, env))
-            if not lines:
-                return results
-            self._write(b"\n".join(lines) + b"\n", tail.log_size)
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                db.executemany("INSERT INTO events VALUES (?,?,?,?,?)", index_rows)
-                db.executemany("INSERT INTO idempotency VALUES (?,?,?,?,?)", idem_rows)
-                db.execute("INSERT OR REPLACE INTO nodes VALUES (?,?,?)", (node_id, seq, prev))
-                db.execute(
-                    "UPDATE tail SET log_size=?, last_offset=?, last_event_id=?, clock=?, "
-                    "count=count+?",
-                    (offset, index_rows[-1][1], prev, clock, len(lines)),
-                )
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
+    def append(
+        self, drafts: Iterable[Draft], node_id: str, keep_envelopes: bool = True
+    ) -> list[Appended]:
+        """Seal and append `drafts` as `node_id`'s next events: all of them, or none.
+
+        `drafts` may be a lazy iterable that validates as it goes (it is consumed under the
+        lock, so it should not wait on I/O): if it raises, nothing has been written. With
+        `keep_envelopes=False` a large batch keeps only its log bytes and index rows.
+        """
+        gc_was_enabled = gc.isenabled()
+        gc.disable()  # a batch allocates ~10 objects per event and frees none until the end
+        try:
+            with FileLock(self.lock_path):
+                return self._append_locked(drafts, node_id, keep_envelopes)
+        finally:
+            if gc_was_enabled:
+                gc.enable()
+
+    def _append_locked(
+        self, drafts: Iterable[Draft], node_id: str, keep_envelopes: bool
+    ) -> list[Appended]:
+        tail = self._recover()
+        db = self.db
+        row = db.execute(
+            "SELECT last_seq, last_id FROM nodes WHERE node = ?", (node_id,)
+        ).fetchone()
+        seq, prev = (row[0], row[1]) if row else (0, None)
+        clock = tail.clock
+        timestamp = now_timestamp()
+        results: list[Appended] = []
+        buffer = bytearray()
+        appended = 0
+        idem_rows: list[tuple[str, str, str, str, int]] = []
+        batch_keys: dict[tuple[str, str], Appended] = {}
+        offset = last_offset = tail.log_size
+        for draft in drafts:
+            if draft.idempotency_key is not None:
+                key = (draft.tenant or "", draft.idempotency_key)
+                earlier = batch_keys.get(key) or self._idempotent_hit(node_id, key)
+                if earlier is not None:
+                    results.append(earlier)
+                    continue
+            seq += 1
+            clock += 1
+            env, line = seal(
+                draft, node_id=node_id, seq=seq, prev=prev, clock=clock, timestamp=timestamp
+            )
+            prev = env["event_id"]
+            appended += 1
+            if draft.idempotency_key is not None:
+                idem_rows.append(_idem_row(env))
+                batch_keys[key] = Appended(prev, seq, True)
+            buffer += line
+            buffer += b"\n"
+            last_offset = offset
+            offset += len(line) + 1
+            results.append(Appended(prev, seq, False, env if keep_envelopes else None))
+        if not appended:
             return results
+        self._write(buffer, tail.log_size)
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany("INSERT INTO idempotency VALUES (?,?,?,?,?)", idem_rows)
+            db.execute("INSERT OR REPLACE INTO nodes VALUES (?,?,?)", (node_id, seq, prev))
+            db.execute(
+                "UPDATE tail SET log_size=?, last_offset=?, last_event_id=?, clock=?, "
+                "count=count+?",
+                (offset, last_offset, prev, clock, appended),
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return results
 
     def _idempotent_hit(self, node_id: str, key: tuple[str, str]) -> Appended | None:
         row = self.db.execute(
@@ -317,7 +338,7 @@ class EventLog:
         ).fetchone()
         return Appended(row[0], row[1], True) if row else None
 
-    def _write(self, data: bytes, expected_size: int) -> None:
+    def _write(self, data: bytes | bytearray, expected_size: int) -> None:
         created = not self.path.exists()
         if created:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -396,6 +417,36 @@ class EventLog:
         result: Envelope = orjson.loads(line)
         return result
 
+    # --- the id index -----------------------------------------------------------------
+
+    def _pending_index(self) -> tuple[int, int, list[tuple[bytes, int, bytes | None]]]:
+        """Index rows for the committed lines past `indexed_size`, not yet stored."""
+        start = self.db.execute("SELECT indexed_size FROM tail").fetchone()[0]
+        end = self.committed().log_size
+        rows = [_index_row(orjson.loads(line), off) for off, line in self._iter_raw(start, end)]
+        return start, end, rows
+
+    def _store_index(
+        self, start: int, end: int, rows: list[tuple[bytes, int, bytes | None]]
+    ) -> None:
+        """Store caught-up rows. SQLite's write lock serialises two processes doing this;
+        the one that finds the cursor moved leaves it alone."""
+        if start == end:
+            return
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if db.execute("SELECT indexed_size FROM tail").fetchone()[0] == start:
+                db.executemany("INSERT OR IGNORE INTO events VALUES (?,?,?)", rows)
+                db.execute("UPDATE tail SET indexed_size = ?", (end,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def _index_up_to_date(self) -> None:
+        self._store_index(*self._pending_index())
+
     # --- lookups ----------------------------------------------------------------------
 
     def resolve(self, ref: str) -> str:
@@ -403,25 +454,33 @@ class EventLog:
         digits = ref[4:] if ref.startswith("evt_") else ref
         if not 1 <= len(digits) <= 64 or any(c not in "0123456789abcdef" for c in digits):
             raise BadInput(f"bad event id {ref!r}: need evt_ and up to 64 lower-case hex digits")
-        self.committed()
         low = bytes.fromhex(digits.ljust(64, "0"))
         high = bytes.fromhex(digits.ljust(64, "f"))
-        found = self.db.execute(
-            "SELECT id FROM events WHERE id BETWEEN ? AND ? LIMIT 2", (low, high)
-        ).fetchall()
+        # A failed lookup must change no file, so the index catches up only on success.
+        start, end, pending = self._pending_index()
+        found = {
+            bytes(row[0])
+            for row in self.db.execute(
+                "SELECT id FROM events WHERE id BETWEEN ? AND ? LIMIT 2", (low, high)
+            )
+        }
+        found.update(row[0] for row in pending if low <= row[0] <= high)
         if not found:
             raise BadInput(f"unknown event id {ref!r}")
         if len(found) > 1:
             raise BadInput(f"ambiguous event id prefix {ref!r}: give more digits")
-        return "evt_" + bytes(found[0][0]).hex()
+        self._store_index(start, end, pending)
+        return "evt_" + found.pop().hex()
 
     def get(self, event_id: str) -> Envelope | None:
+        self._index_up_to_date()
         row = self.db.execute(
             "SELECT offset FROM events WHERE id = ?", (_id_bytes(event_id),)
         ).fetchone()
         return None if row is None else self.read_at(row[0])
 
     def contains(self, event_id: str) -> bool:
+        self._index_up_to_date()
         return (
             self.db.execute("SELECT 1 FROM events WHERE id = ?", (_id_bytes(event_id),)).fetchone()
             is not None
@@ -438,15 +497,9 @@ class EventLog:
         }
 
 
-def _index_row(env: Envelope, offset: int) -> tuple[bytes, int, str, int, bytes | None]:
+def _index_row(env: Envelope, offset: int) -> tuple[bytes, int, bytes | None]:
     cause = env.get("causation_id")
-    return (
-        _id_bytes(env["event_id"]),
-        offset,
-        env["node_id"],
-        env["seq"],
-        None if cause is None else _id_bytes(cause),
-    )
+    return (_id_bytes(env["event_id"]), offset, None if cause is None else _id_bytes(cause))
 
 
 def _idem_row(env: Envelope) -> tuple[str, str, str, str, int]:

@@ -91,19 +91,22 @@ class Mesh:
     def publish_many(
         self, items: Iterable[Mapping[str, Any]], default_source: str = "api"
     ) -> list[Appended]:
-        """Validate every item, then append all of them or none."""
-        drafts = []
-        for number, item in enumerate(items, 1):
-            try:
-                fields = dict(item)
-                if fields.get("causation_id") is not None:
-                    fields["causation_id"] = self._causation(fields["causation_id"])
-                drafts.append(Draft.from_mapping(fields, default_source))
-            except BadInput as exc:
-                raise BadInput(f"item {number}: {exc.message}") from None
-        return self.publish_drafts(drafts)
+        """Validate every item, then append all of them or none. `items` may be lazy (it is
+        consumed under the log lock). Results carry ids and seqs, not envelopes."""
 
-    def publish_drafts(self, drafts: list[Draft]) -> list[Appended]:
+        def drafts() -> Iterator[Draft]:
+            for number, item in enumerate(items, 1):
+                try:
+                    fields = dict(item)
+                    if fields.get("causation_id") is not None:
+                        fields["causation_id"] = self._causation(fields["causation_id"])
+                    yield Draft.from_mapping(fields, default_source)
+                except BadInput as exc:
+                    raise BadInput(f"item {number}: {exc.message}") from None
+
+        return self.log.append(drafts(), self.node_id, keep_envelopes=False)
+
+    def publish_drafts(self, drafts: Iterable[Draft]) -> list[Appended]:
         return self.log.append(drafts, self.node_id)
 
     def _causation(self, ref: Any) -> Any:

@@ -1,13 +1,14 @@
-"""Refuse payloads that carry credentials: the ledger is reviewed in public pull requests.
+"""What a secret looks like. The ledger is reviewed in pull requests, so none may enter it.
 
-Two checks: a key that names a secret (`password`, `github_token`, `apiKey`, ...) holding a
-real value, and a string value shaped like a known credential wherever it appears.
+Two checks, applied by the payload walker in `envelope.py`: a key that names a secret
+(`password`, `github_token`, `apiKey`, ...) holding a real string value, and a string
+shaped like a known credential wherever it appears.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from functools import lru_cache
 
 # Words that make a key secret when they end it: `db_password`, `githubToken`, `api-key`.
 # Plurals and counters (`max_tokens`, `token_count`) do not end in these and pass.
@@ -40,25 +41,36 @@ _PLACEHOLDER_RE = re.compile(
     re.IGNORECASE,
 )
 
-_VALUE_PATTERNS = (
-    r"\b(?:AKIA|ASIA|ABIA|ACCA)[0-9A-Z]{16}\b",  # AWS access key id
-    r"\bgh[pousr]_[A-Za-z0-9]{36,}\b",  # GitHub classic tokens
-    r"\bgithub_pat_[A-Za-z0-9_]{50,}\b",  # GitHub fine-grained tokens
-    r"\bglpat-[A-Za-z0-9_-]{20,}",  # GitLab personal access token
-    r"\bxox[abposr]-[A-Za-z0-9-]{10,}",  # Slack tokens
-    r"hooks\.slack\.com/services/T[A-Z0-9]+/B[A-Z0-9]+/[A-Za-z0-9]+",  # Slack webhook
-    r"\b(?:sk|rk)_(?:live|test)_[A-Za-z0-9]{16,}",  # Stripe secret / restricted keys
-    r"\bAIza[0-9A-Za-z_-]{35}",  # Google API key
-    r"\bsk-(?:proj-|ant-[a-z0-9]+-)?[A-Za-z0-9_-]{32,}",  # OpenAI / Anthropic keys
-    r"\bnpm_[A-Za-z0-9]{36}\b",  # npm token
-    r"\bpypi-AgE[A-Za-z0-9_-]{50,}",  # PyPI token
-    r"\bSG\.[A-Za-z0-9_-]{22}\.[A-Za-z0-9_-]{43}\b",  # SendGrid
-    r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----",  # PEM private keys
-    r"\beyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}",  # JWT
-    r"\b[a-z][a-z0-9+.-]*://[^/\s:@]+:[^/\s@]{3,}@",  # URL with a password
-    r"\b(?:Bearer|Basic)\s+[A-Za-z0-9._~+/=-]{20,}",  # Authorization header values
+# Each credential shape: the literal it always contains (its anchor), how far before the
+# anchor the shape starts, and the shape itself, matched at that position. One C-level
+# search for any anchor clears most strings; a shape is tried only where its anchor is.
+_NOT_AFTER_TOKEN = r"(?<![A-Za-z0-9_-])"
+_SHAPES: tuple[tuple[tuple[str, ...], int, str], ...] = (
+    (
+        ("AKIA", "ASIA", "ABIA", "ACCA"),
+        0,
+        r"(?<![A-Za-z0-9])A[KSBC][IC]A[0-9A-Z]{16}(?![A-Za-z0-9])",
+    ),
+    (("ghp_", "gho_", "ghu_", "ghs_", "ghr_"), 0, _NOT_AFTER_TOKEN + r"gh[pousr]_[A-Za-z0-9]{36,}"),
+    (("github_pat_",), 0, _NOT_AFTER_TOKEN + r"github_pat_[A-Za-z0-9_]{50,}"),
+    (("glpat-",), 0, _NOT_AFTER_TOKEN + r"glpat-[A-Za-z0-9_-]{20,}"),
+    (("xoxa-", "xoxb-", "xoxp-", "xoxo-", "xoxs-", "xoxr-"), 0, r"xox[abposr]-[A-Za-z0-9-]{10,}"),
+    (("hooks.slack.com/services/",), 0, r"hooks\.slack\.com/services/T[A-Z0-9]+/B[A-Z0-9]+/\w+"),
+    (("_live_", "_test_"), 2, r"(?<![A-Za-z0-9])[sr]k_(?:live|test)_[A-Za-z0-9]{16,}"),
+    (("AIza",), 0, r"AIza[0-9A-Za-z_-]{35}"),
+    (("sk-",), 0, _NOT_AFTER_TOKEN + r"sk-(?:proj-|ant-[a-z0-9]+-)?[A-Za-z0-9_-]{32,}"),
+    (("npm_",), 0, _NOT_AFTER_TOKEN + r"npm_[A-Za-z0-9]{36}"),
+    (("pypi-AgE",), 0, r"pypi-AgE[A-Za-z0-9_-]{50,}"),
+    (("SG.",), 0, r"SG\.[A-Za-z0-9_-]{22}\.[A-Za-z0-9_-]{43}"),
+    (("-----BEGIN ",), 0, r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY"),
+    (("eyJ",), 0, r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),
+    (("://",), 0, r"://[^/\s:@]+:[^/\s@]{3,}@"),  # a URL with a password
+    (("Bearer ", "Basic "), 0, r"(?:Bearer|Basic) +[A-Za-z0-9._~+/=-]{20,}"),
 )
-_VALUE_RE = re.compile("|".join(f"(?:{p})" for p in _VALUE_PATTERNS))
+_ANCHOR_RE = re.compile("|".join(re.escape(a) for anchors, _, _ in _SHAPES for a in anchors))
+_SHAPE_FOR: dict[str, tuple[int, re.Pattern[str]]] = {
+    anchor: (back, re.compile(shape)) for anchors, back, shape in _SHAPES for anchor in anchors
+}
 _MIN_SCANNED_LEN = 12  # shorter strings cannot hold any of the shapes above
 
 
@@ -66,35 +78,31 @@ def _normalise_key(key: str) -> str:
     return _SEP_RE.sub("_", _CAMEL_RE.sub(r"\1_\2", key).lower()).strip("_")
 
 
+_SECRET_KEY_RE = re.compile(r"(?:^|_)(?:" + "|".join(_SECRET_KEY_ENDINGS) + r")$")
+
+
+@lru_cache(maxsize=4096)  # payload keys repeat across events; values do not
 def is_secret_key(key: str) -> bool:
-    norm = _normalise_key(key)
-    return any(norm == end or norm.endswith("_" + end) for end in _SECRET_KEY_ENDINGS)
+    """`db_password`, `githubToken`, `API-Key`: a key that names a secret."""
+    return _SECRET_KEY_RE.search(_normalise_key(key)) is not None
+
+
+def is_placeholder(value: str) -> bool:
+    """`***`, `<redacted>`, `${TOKEN}`, empty: stands in for a secret without holding one."""
+    stripped = value.strip()
+    return not stripped or _PLACEHOLDER_RE.match(stripped) is not None
 
 
 def looks_like_credential(value: str) -> bool:
-    return len(value) >= _MIN_SCANNED_LEN and _VALUE_RE.search(value) is not None
-
-
-def find_secret(value: Any, path: str = "payload") -> str | None:
-    """Return a description of the first secret found in `value`, or None."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            sub = f"{path}.{key}"
-            if (
-                isinstance(item, str)
-                and item.strip()
-                and not _PLACEHOLDER_RE.match(item.strip())
-                and is_secret_key(key)
-            ):
-                return f"{sub} is a secret-looking key holding a value"
-            found = find_secret(item, sub)
-            if found:
-                return found
-    elif isinstance(value, list):
-        for i, item in enumerate(value):
-            found = find_secret(item, f"{path}[{i}]")
-            if found:
-                return found
-    elif isinstance(value, str) and looks_like_credential(value):
-        return f"{path} looks like a credential"
-    return None
+    """True when `value` contains a known credential shape (cloud keys, tokens, PEM, JWT,
+    URL passwords, Authorization values)."""
+    if len(value) < _MIN_SCANNED_LEN:
+        return False
+    found = _ANCHOR_RE.search(value)
+    while found is not None:
+        back, shape = _SHAPE_FOR[found.group()]
+        start = found.start() - back
+        if start >= 0 and shape.match(value, start):
+            return True
+        found = _ANCHOR_RE.search(value, found.start() + 1)
+    return False
