@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import os
 import re
-import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -53,6 +52,8 @@ class InitResult:
 
 
 def default_node_id(env: Mapping[str, str]) -> str:
+    import socket  # lazy: only mesh-init needs the host name
+
     return env.get(ENV_NODE_ID) or socket.gethostname() or "node"
 
 
