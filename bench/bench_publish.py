@@ -29,25 +29,44 @@ CLI = [sys.executable, "-m", "orxaq_autonomy"]
 def run(root: Path, *args: str, stdin: bytes | None = None) -> float:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ORXAQ_AUTONOMY_")}
     start = time.perf_counter()
-    subprocess.run([*CLI, "--root", str(root), *args], input=stdin, check=True,
-                   stdout=subprocess.DEVNULL, env=env)
+    subprocess.run(
+        [*CLI, "--root", str(root), *args],
+        input=stdin,
+        check=True,
+        stdout=subprocess.DEVNULL,
+        env=env,
+    )
     return time.perf_counter() - start
 
 
 def batch_lines(n: int) -> bytes:
     # payload ~100 bytes serialised
     return b"".join(
-        orjson.dumps({"topic": "bench", "event_type": "item.done",
-                      "payload": {"task_id": f"task-{i:08d}", "lane": "lane-3",
-                                  "status": "ok", "attempt": 1, "note": f"build {i} passed on ci"}}) + b"\n"
+        orjson.dumps(
+            {
+                "topic": "bench",
+                "event_type": "item.done",
+                "payload": {
+                    "task_id": f"task-{i:08d}",
+                    "lane": "lane-3",
+                    "status": "ok",
+                    "attempt": 1,
+                    "note": f"build {i} passed on ci",
+                },
+            }
+        )
+        + b"\n"
         for i in range(n)
     )
 
 
 def fresh_root(base: Path, name: str) -> Path:
     root = base / name
-    subprocess.run([*CLI, "--root", str(root), "mesh-init", "--node-id", name], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [*CLI, "--root", str(root), "mesh-init", "--node-id", name],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return root
 
 
@@ -62,16 +81,25 @@ def main() -> None:
     opts = parser.parse_args()
     big = 20_000 if opts.quick else 100_000
     repeats = 5 if opts.quick else 15
-    publish = ["mesh-publish", "--topic", "bench", "--event-type", "one",
-               "--payload-json", '{"task_id": "task-1"}']
+    publish = [
+        "mesh-publish",
+        "--topic",
+        "bench",
+        "--event-type",
+        "one",
+        "--payload-json",
+        '{"task_id": "task-1"}',
+    ]
 
     with tempfile.TemporaryDirectory(dir=os.environ.get("BENCH_DIR")) as tmp:
         base = Path(tmp)
         root = fresh_root(base, "batch")
         data = batch_lines(big)
         seconds = run(root, "mesh-publish", "--stdin", stdin=data)
-        print(f"batch publish --stdin: {big} events in {seconds:.2f} s = "
-              f"{big / seconds:,.0f} events/s end to end")
+        print(
+            f"batch publish --stdin: {big} events in {seconds:.2f} s = "
+            f"{big / seconds:,.0f} events/s end to end"
+        )
 
         small = fresh_root(base, "small")
         run(small, "mesh-publish", "--stdin", stdin=batch_lines(1_000))
@@ -81,18 +109,24 @@ def main() -> None:
         status_big = median_wall(root, ["mesh-status", "--json"], repeats)
         log_small = median_wall(small, ["mesh-log", "--limit", "10", "--json"], repeats)
         log_big = median_wall(root, ["mesh-log", "--limit", "10", "--json"], repeats)
-        print(f"single mesh-publish process: {single_small * 1000:.0f} ms median "
-              f"(log of 1,000 events)")
-        for label, a, b in [("mesh-publish", single_small, single_big),
-                            ("mesh-status", status_small, status_big),
-                            ("mesh-log --limit 10", log_small, log_big)]:
-            print(f"{label}: {a * 1000:.0f} ms at 1,000 events, {b * 1000:.0f} ms at "
-                  f"{big:,} events, ratio {b / a:.2f}")
+        print(
+            f"single mesh-publish process: {single_small * 1000:.0f} ms median "
+            f"(log of 1,000 events)"
+        )
+        for label, a, b in [
+            ("mesh-publish", single_small, single_big),
+            ("mesh-status", status_small, status_big),
+            ("mesh-log --limit 10", log_small, log_big),
+        ]:
+            print(
+                f"{label}: {a * 1000:.0f} ms at 1,000 events, {b * 1000:.0f} ms at "
+                f"{big:,} events, ratio {b / a:.2f}"
+            )
 
         # in-process: the cost of one durable publish through the library API
         from orxaq_autonomy import Mesh
 
-        for name, target in [("small", small), ("batch", root)]:
+        for target in (small, root):
             with Mesh.open(target) as mesh:
                 times = []
                 for i in range(200):
@@ -100,8 +134,10 @@ def main() -> None:
                     mesh.publish("bench", "lib", {"i": i})
                     times.append(time.perf_counter() - start)
                 count = mesh.status()["log"]["events"]
-            print(f"library publish (fsync + commit each): {statistics.median(times) * 1e3:.2f}"
-                  f" ms median with {count:,} events in the log")
+            print(
+                f"library publish (fsync + commit each): {statistics.median(times) * 1e3:.2f}"
+                f" ms median with {count:,} events in the log"
+            )
 
 
 if __name__ == "__main__":

@@ -22,8 +22,9 @@ def test_init_creates_layout_and_rerun_changes_nothing(tmp_path: Path, cli: Runn
     assert data["public_key"].startswith("ed25519:") and len(data["public_key"]) == 8 + 43
     key = root / "state/event_mesh/keys/ed25519.key"
     assert key.stat().st_mode & 0o777 == 0o600
-    manifest = orjson.loads((root / "state/github_coordination/event_mesh/nodes/build-box.json")
-                            .read_bytes())
+    manifest = orjson.loads(
+        (root / "state/github_coordination/event_mesh/nodes/build-box.json").read_bytes()
+    )
     assert manifest == {
         "node_id": "build-box",
         "capabilities": [],
@@ -47,9 +48,12 @@ def test_init_creates_layout_and_rerun_changes_nothing(tmp_path: Path, cli: Runn
 
     added = cli("--root", str(root), "mesh-init", "--capability", "gpu", "--json")
     assert added.json()["public_key"] == data["public_key"]  # same keys
-    assert "gpu" in orjson.loads(
-        (root / "state/github_coordination/event_mesh/nodes/build-box.json").read_bytes()
-    )["capabilities"]
+    assert (
+        "gpu"
+        in orjson.loads(
+            (root / "state/github_coordination/event_mesh/nodes/build-box.json").read_bytes()
+        )["capabilities"]
+    )
 
 
 def test_init_keeps_an_existing_gitignore(tmp_path: Path, cli: Runner) -> None:
@@ -65,25 +69,41 @@ def test_gitignore_keeps_private_paths_out_of_git(root: Path, cli: Runner) -> No
     subprocess.run(["git", "init", "-q", str(root)], check=True)
     listed = subprocess.run(
         ["git", "-C", str(root), "ls-files", "--others", "--exclude-standard"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout.split()
     assert listed == [".gitignore", "state/github_coordination/event_mesh/nodes/node-a.json"]
 
 
 def test_publish_with_every_option(root: Path, cli: Runner) -> None:
-    first = cli("--root", str(root), "mesh-publish", "--topic", "ci", "--event-type", "started",
-                "--json").json()
+    first = cli(
+        "--root", str(root), "mesh-publish", "--topic", "ci", "--event-type", "started", "--json"
+    ).json()
     result = cli(
-        "--root", str(root), "mesh-publish",
-        "--topic", "routing", "--event-type", "route.requested",
-        "--payload-json", '{"task_id": "task-17"}',
-        "--causation-id", first["event_id"][:12],
-        "--correlation-id", "deploy-2026-11-22",
-        "--source", "ci-runner",
-        "--target", "Node-B",
-        "--partition-key", "task-17",
-        "--tenant", "acme",
-        "--idempotency-key", "ci-run-991",
+        "--root",
+        str(root),
+        "mesh-publish",
+        "--topic",
+        "routing",
+        "--event-type",
+        "route.requested",
+        "--payload-json",
+        '{"task_id": "task-17"}',
+        "--causation-id",
+        first["event_id"][:12],
+        "--correlation-id",
+        "deploy-2026-11-22",
+        "--source",
+        "ci-runner",
+        "--target",
+        "Node-B",
+        "--partition-key",
+        "task-17",
+        "--tenant",
+        "acme",
+        "--idempotency-key",
+        "ci-run-991",
         "--json",
     )
     assert result.code == 0, result.err
@@ -93,36 +113,85 @@ def test_publish_with_every_option(root: Path, cli: Runner) -> None:
     assert event["causation_id"] == first["event_id"]
     assert event["target"] == "node-b"
     assert event["prev"] == first["event_id"]
-    assert {k: event[k] for k in ("correlation_id", "source", "partition_key", "tenant",
-                                  "idempotency_key")} == {
-        "correlation_id": "deploy-2026-11-22", "source": "ci-runner", "partition_key": "task-17",
-        "tenant": "acme", "idempotency_key": "ci-run-991"}
+    assert {
+        k: event[k]
+        for k in ("correlation_id", "source", "partition_key", "tenant", "idempotency_key")
+    } == {
+        "correlation_id": "deploy-2026-11-22",
+        "source": "ci-runner",
+        "partition_key": "task-17",
+        "tenant": "acme",
+        "idempotency_key": "ci-run-991",
+    }
     assert log_lines(root)[-1] == event
 
-    repeat = cli("--root", str(root), "mesh-publish", "--topic", "routing", "--event-type",
-                 "route.requested", "--tenant", "acme", "--idempotency-key", "ci-run-991",
-                 "--json").json()
+    repeat = cli(
+        "--root",
+        str(root),
+        "mesh-publish",
+        "--topic",
+        "routing",
+        "--event-type",
+        "route.requested",
+        "--tenant",
+        "acme",
+        "--idempotency-key",
+        "ci-run-991",
+        "--json",
+    ).json()
     assert repeat == {"event_id": data["event_id"], "seq": 2, "duplicate": True}
     assert len(log_lines(root)) == 2
 
 
 def test_payload_file_inside_root_and_stdin(root: Path, cli: Runner) -> None:
     (root / "p.json").write_text('{"from": "file"}')
-    a = cli("--root", str(root), "mesh-publish", "--topic", "t", "--event-type", "e",
-            "--payload-file", str(root / "p.json"), "--json")
+    a = cli(
+        "--root",
+        str(root),
+        "mesh-publish",
+        "--topic",
+        "t",
+        "--event-type",
+        "e",
+        "--payload-file",
+        str(root / "p.json"),
+        "--json",
+    )
     assert a.json()["event"]["payload"] == {"from": "file"}
-    b = cli("--root", str(root), "mesh-publish", "--topic", "t", "--event-type", "e",
-            "--payload-file", "-", "--json", stdin='{"from": "stdin"}')
+    b = cli(
+        "--root",
+        str(root),
+        "mesh-publish",
+        "--topic",
+        "t",
+        "--event-type",
+        "e",
+        "--payload-file",
+        "-",
+        "--json",
+        stdin='{"from": "stdin"}',
+    )
     assert b.json()["event"]["payload"] == {"from": "stdin"}
 
 
 def test_stdin_batch(root: Path, cli: Runner) -> None:
-    lines = "\n".join(
-        orjson.dumps({"topic": "ci", "event_type": "job.done", "payload": {"i": i}}).decode()
-        for i in range(5)
-    ) + '\n\n{"topic": "ci", "event_type": "job.done", "idempotency_key": "k"}\n'
-    result = cli("--root", str(root), "mesh-publish", "--stdin", "--source", "batch", "--json",
-                 stdin=lines + '{"topic": "ci", "event_type": "job.done", "idempotency_key": "k"}')
+    lines = (
+        "\n".join(
+            orjson.dumps({"topic": "ci", "event_type": "job.done", "payload": {"i": i}}).decode()
+            for i in range(5)
+        )
+        + '\n\n{"topic": "ci", "event_type": "job.done", "idempotency_key": "k"}\n'
+    )
+    result = cli(
+        "--root",
+        str(root),
+        "mesh-publish",
+        "--stdin",
+        "--source",
+        "batch",
+        "--json",
+        stdin=lines + '{"topic": "ci", "event_type": "job.done", "idempotency_key": "k"}',
+    )
     assert result.code == 0, result.err
     data = result.json()
     assert (data["count"], data["appended"], data["duplicates"]) == (7, 6, 1)
@@ -133,13 +202,20 @@ def test_stdin_batch(root: Path, cli: Runner) -> None:
 
 
 def test_log_and_status(root: Path, cli: Runner) -> None:
-    for topic, etype in [("routing", "route.requested"), ("scaling", "decision.made"),
-                         ("routing", "route.selected")]:
+    for topic, etype in [
+        ("routing", "route.requested"),
+        ("scaling", "decision.made"),
+        ("routing", "route.selected"),
+    ]:
         cli("--root", str(root), "mesh-publish", "--topic", topic, "--event-type", etype)
     out = cli("--root", str(root), "mesh-log", "--match", "routing.*.*", "--json").json()
     assert [e["event_type"] for e in out["events"]] == ["route.requested", "route.selected"]
-    assert cli("--root", str(root), "mesh-log", "--limit", "1", "--json").json()["events"][0][
-        "event_type"] == "route.selected"
+    assert (
+        cli("--root", str(root), "mesh-log", "--limit", "1", "--json").json()["events"][0][
+            "event_type"
+        ]
+        == "route.selected"
+    )
     human = cli("--root", str(root), "mesh-log", "--node", "node-a")
     assert human.code == 0 and len(human.out.splitlines()) == 3
     assert "routing.route.requested" in human.out
@@ -207,8 +283,17 @@ def test_bad_publish_input_exits_2_and_changes_nothing(
 def test_oversize_event_exits_2(root: Path, cli: Runner) -> None:
     (root / "big.json").write_text(orjson.dumps({"blob": "x" * (1 << 20)}).decode())
     before = snapshot(root)
-    result = cli("--root", str(root), "mesh-publish", "--topic", "ci", "--event-type", "x",
-                 "--payload-file", "big.json")
+    result = cli(
+        "--root",
+        str(root),
+        "mesh-publish",
+        "--topic",
+        "ci",
+        "--event-type",
+        "x",
+        "--payload-file",
+        "big.json",
+    )
     assert result.code == 2 and "event too large" in result.err
     assert snapshot(root) == before
 
@@ -218,8 +303,10 @@ def test_oversize_event_exits_2(root: Path, cli: Runner) -> None:
     [
         ('{"topic": "ci", "event_type": "a"}\n{"topic": "ci"', "stdin line 2: invalid JSON"),
         ('{"topic": "ci", "event_type": "a"}\n[1]', "stdin line 2: need a JSON object"),
-        ('{"topic": "ci", "event_type": "a"}\n{"topic": "CI", "event_type": "b"}',
-         "item 2: bad topic"),
+        (
+            '{"topic": "ci", "event_type": "a"}\n{"topic": "CI", "event_type": "b"}',
+            "item 2: bad topic",
+        ),
         ('{"topic": "ci", "event_type": "a", "evnt": 1}', "unknown field 'evnt'"),
         ('{"topic": "ci"}', "missing field 'event_type'"),
         ('{"topic": "ci", "event_type": "a", "payload": {"password": "pw123456"}}', "secret"),
@@ -274,12 +361,17 @@ def test_env_path_escaping_the_root_is_refused(
 
 def test_real_process_entry_points(root: Path) -> None:
     """`python -m orxaq_autonomy` and the console script behave the same."""
-    via_module = run_process("--root", str(root), "mesh-publish", "--topic", "ci",
-                             "--event-type", "x", "--json")
+    via_module = run_process(
+        "--root", str(root), "mesh-publish", "--topic", "ci", "--event-type", "x", "--json"
+    )
     assert via_module.code == 0 and via_module.json()["seq"] == 1
     script = Path(sys.executable).parent / "orxaq-autonomy"
-    proc = subprocess.run([str(script), "--root", str(root), "mesh-status", "--json"],
-                          capture_output=True, env={**os.environ}, check=False)
+    proc = subprocess.run(
+        [str(script), "--root", str(root), "mesh-status", "--json"],
+        capture_output=True,
+        env={**os.environ},
+        check=False,
+    )
     assert proc.returncode == 0 and orjson.loads(proc.stdout)["own"]["seq"] == 1
     bad = run_process("--root", str(root), "mesh-publish", "--topic", "X", "--event-type", "y")
     assert bad.code == 2 and bad.err.count("\n") == 1 and "Traceback" not in bad.err
@@ -287,10 +379,15 @@ def test_real_process_entry_points(root: Path) -> None:
 
 def test_shell_completion_lists_commands(root: Path) -> None:
     script = Path(sys.executable).parent / "orxaq-autonomy"
-    env = {**os.environ, "_ORXAQ_AUTONOMY_COMPLETE": "complete_bash",
-           "COMP_WORDS": "orxaq-autonomy mesh-", "COMP_CWORD": "1"}
+    env = {
+        **os.environ,
+        "_ORXAQ_AUTONOMY_COMPLETE": "complete_bash",
+        "COMP_WORDS": "orxaq-autonomy mesh-",
+        "COMP_CWORD": "1",
+    }
     proc = subprocess.run([str(script)], capture_output=True, text=True, env=env, check=False)
     assert {"mesh-init", "mesh-publish", "mesh-log", "mesh-status"} <= set(proc.stdout.split())
-    shown = subprocess.run([str(script), "--show-completion", "bash"], capture_output=True,
-                           text=True, check=False)
+    shown = subprocess.run(
+        [str(script), "--show-completion", "bash"], capture_output=True, text=True, check=False
+    )
     assert shown.returncode == 0 and "_ORXAQ_AUTONOMY_COMPLETE" in shown.stdout

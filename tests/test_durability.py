@@ -10,6 +10,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 
@@ -19,7 +20,7 @@ from orxaq_autonomy.envelope import parse_envelope
 LOG = "artifacts/autonomy/event_mesh/events.ndjson"
 
 
-def assert_intact(root: Path) -> list[dict[str, object]]:
+def assert_intact(root: Path) -> list[dict[str, Any]]:
     """Every line is a valid envelope; per node, seq is gap-free and prev chains."""
     raw = (root / LOG).read_bytes() if (root / LOG).exists() else b""
     assert raw == b"" or raw.endswith(b"\n")
@@ -27,10 +28,10 @@ def assert_intact(root: Path) -> list[dict[str, object]]:
     last: dict[str, tuple[int, object]] = {}
     clocks = []
     for env in events:
-        seq, prev = last.get(env["node_id"], (0, None))  # type: ignore[arg-type]
+        seq, prev = last.get(env["node_id"], (0, None))
         assert env["seq"] == seq + 1, f"gap before {env['event_id']}"
         assert env.get("prev") == prev
-        last[env["node_id"]] = (env["seq"], env["event_id"])  # type: ignore[index]
+        last[env["node_id"]] = (env["seq"], env["event_id"])
         clocks.append(env["clock"])
     assert clocks == sorted(clocks) and len(set(clocks)) == len(clocks)
     assert len({e["event_id"] for e in events}) == len(events)
@@ -47,8 +48,13 @@ def committed_size(root: Path) -> int:
 
 def big_batch(n: int, tag: str) -> bytes:
     return b"".join(
-        orjson.dumps({"topic": "load", "event_type": "item", "payload": {"tag": tag, "i": i,
-                                                                         "pad": "x" * 200}})
+        orjson.dumps(
+            {
+                "topic": "load",
+                "event_type": "item",
+                "payload": {"tag": tag, "i": i, "pad": "x" * 200},
+            }
+        )
         + b"\n"
         for i in range(n)
     )
@@ -56,17 +62,35 @@ def big_batch(n: int, tag: str) -> bytes:
 
 def test_sigkill_mid_batch_appends_none_of_it(root: Path, cli: Runner) -> None:
     for i in range(3):
-        cli("--root", str(root), "mesh-publish", "--topic", "ci", "--event-type", "before",
-            "--payload-json", f'{{"i": {i}}}')
+        cli(
+            "--root",
+            str(root),
+            "mesh-publish",
+            "--topic",
+            "ci",
+            "--event-type",
+            "before",
+            "--payload-json",
+            f'{{"i": {i}}}',
+        )
     batch = big_batch(120_000, "killed")  # ~35 MB: the write takes long enough to interrupt
     log = root / LOG
     torn_seen = 0
     for _attempt in range(4):
         base = committed_size(root)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "orxaq_autonomy", "--root", str(root), "mesh-publish",
-             "--stdin"],
-            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "orxaq_autonomy",
+                "--root",
+                str(root),
+                "mesh-publish",
+                "--stdin",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         assert proc.stdin is not None
         proc.stdin.write(batch)
@@ -91,8 +115,9 @@ def test_sigkill_mid_batch_appends_none_of_it(root: Path, cli: Runner) -> None:
             break
     assert torn_seen, "never caught the batch mid-write"
     # nothing of the killed batch survived, and the next publish continues the chain
-    after = run_process("--root", str(root), "mesh-publish", "--topic", "ci", "--event-type",
-                        "after", "--json")
+    after = run_process(
+        "--root", str(root), "mesh-publish", "--topic", "ci", "--event-type", "after", "--json"
+    )
     assert after.code == 0 and after.json()["seq"] == 4
     events = assert_intact(root)
     assert [e["event_type"] for e in events] == ["before"] * 3 + ["after"]
@@ -131,7 +156,8 @@ def test_sigkill_loop_loses_no_acknowledged_event_and_duplicates_none(root: Path
     while acked < total - 1:
         proc = subprocess.Popen(
             [sys.executable, "-c", WORKER, str(root), str(acked + 1), str(total)],
-            stdout=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            text=True,
         )
         assert proc.stdout is not None
         if kills < 6:
@@ -143,25 +169,40 @@ def test_sigkill_loop_loses_no_acknowledged_event_and_duplicates_none(root: Path
         if printed:
             acked = printed[-1]
     events = assert_intact(root)
-    numbers = [e["payload"]["i"] for e in events]  # type: ignore[index]
+    numbers = [e["payload"]["i"] for e in events]
     assert numbers == list(range(total))  # every item once, in order: none lost, none twice
 
 
 def test_concurrent_publishers_make_one_gap_free_chain(root: Path) -> None:
     workers = [
         subprocess.Popen(
-            [sys.executable, "-c", WORKER.replace('idempotency_key=f"item-{i}"',
-                                                  f'idempotency_key=f"w{w}-{{i}}"'),
-             str(root), "0", "150"],
-            stdout=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-c",
+                WORKER.replace('idempotency_key=f"item-{i}"', f'idempotency_key=f"w{w}-{{i}}"'),
+                str(root),
+                "0",
+                "150",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
         )
         for w in range(4)
     ]
     batches = [
         subprocess.Popen(
-            [sys.executable, "-m", "orxaq_autonomy", "--root", str(root), "mesh-publish",
-             "--stdin", "--json"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            [
+                sys.executable,
+                "-m",
+                "orxaq_autonomy",
+                "--root",
+                str(root),
+                "mesh-publish",
+                "--stdin",
+                "--json",
+            ],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
         )
         for _ in range(2)
     ]
@@ -175,7 +216,7 @@ def test_concurrent_publishers_make_one_gap_free_chain(root: Path) -> None:
     assert len(events) == 4 * 150 + 2 * 500
     # each batch landed as one contiguous run: batches are atomic
     for tag in ("b0", "b1"):
-        seqs = [e["seq"] for e in events if e["payload"].get("tag") == tag]  # type: ignore[union-attr]
+        seqs = [e["seq"] for e in events if e["payload"].get("tag") == tag]
         assert seqs == list(range(seqs[0], seqs[0] + 500))
 
 

@@ -48,13 +48,18 @@ def test_batch_is_all_or_none(mesh: Mesh) -> None:
     before = mesh.layout.log_file.read_bytes()
     with pytest.raises(BadInput, match="item 3: bad topic"):
         mesh.publish_many(
-            [{"topic": "ci", "event_type": "a"}, {"topic": "ci", "event_type": "b"},
-             {"topic": "CI", "event_type": "c"}]
+            [
+                {"topic": "ci", "event_type": "a"},
+                {"topic": "ci", "event_type": "b"},
+                {"topic": "CI", "event_type": "c"},
+            ]
         )
     with pytest.raises(BadInput, match="too large"):  # fails while sealing, after validation
         mesh.publish_many(
-            [{"topic": "ci", "event_type": "a"},
-             {"topic": "ci", "event_type": "b", "payload": {"x": "y" * (1 << 20)}}]
+            [
+                {"topic": "ci", "event_type": "a"},
+                {"topic": "ci", "event_type": "b", "payload": {"x": "y" * (1 << 20)}},
+            ]
         )
     assert mesh.layout.log_file.read_bytes() == before
     results = mesh.publish_many([{"topic": "ci", "event_type": "a"}] * 3)
@@ -107,7 +112,9 @@ def test_events_query_filters_and_limit_takes_the_newest(mesh: Mesh) -> None:
 
 
 @given(st.lists(st.integers(min_value=0, max_value=3000), min_size=1, max_size=30))
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 def test_reverse_reading_matches_forward_reading(mesh: Mesh, sizes: list[int]) -> None:
     """Backward reads cross 1 MiB chunk edges; shrink the chunk to exercise them."""
     import orxaq_autonomy.log as logmod
@@ -159,8 +166,9 @@ def test_a_replaced_log_is_detected_and_reindexed(mesh: Mesh, tmp_path: Path) ->
     other_root = tmp_path / "other"
     Mesh.init(other_root, node_id="node-a")
     with Mesh.open(other_root) as other:
-        other.publish_many([{"topic": "u", "event_type": "f", "payload": {"i": i}}
-                            for i in range(5)])
+        other.publish_many(
+            [{"topic": "u", "event_type": "f", "payload": {"i": i}} for i in range(5)]
+        )
         replacement = other.layout.log_file.read_bytes()
     mesh.layout.log_file.write_bytes(replacement)  # e.g. a backup restored over the log
     mesh.close()

@@ -18,7 +18,10 @@ SECRETS = [
     {"slack": "xoxb-123456789012-abcdefghijkl"},
     {"stripe": "sk_live_" + "4eC39HqLyjWDarjtT1zdp7dc"},
     {"pem": "-----BEGIN RSA PRIVATE KEY-----\nMIIE..."},
-    {"jwt": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"},
+    {
+        "jwt": "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0."
+        "dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"
+    },
     {"url": "postgres://admin:hunter22@db.internal:5432/app"},
     {"list": ["fine", {"client_secret": "abcd"}]},
 ]
