@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from orxaq_autonomy.envelope import (
+    ALL_FIELDS,
     MAX_EVENT_BYTES,
     Draft,
     InvalidEnvelope,
@@ -310,3 +311,26 @@ def test_secret_placeholders_and_counters_pass() -> None:
             "sha": "ab" * 32,
         },
     )
+
+
+@given(drafts(), st.sampled_from(sorted(ALL_FIELDS | {"extra"})), json_values)
+@settings(max_examples=300)
+def test_mutated_envelopes_are_refused_cleanly_or_verified(
+    draft: Draft, field: str, value: Any
+) -> None:
+    """Any field replaced by any JSON value: the parser refuses it with InvalidEnvelope, or
+    accepts it only when the id still matches the content."""
+    env, _ = seal(
+        draft,
+        node_id="node-a",
+        seq=2,
+        prev="evt_" + "cd" * 32,
+        clock=5,
+        timestamp="2026-11-22T00:00:00.000000Z",
+    )
+    mutated = {**env, field: value}
+    try:
+        parsed = parse_envelope(orjson.dumps(mutated))
+    except InvalidEnvelope:
+        return
+    assert compute_event_id(parsed) == parsed["event_id"]
