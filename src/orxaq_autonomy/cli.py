@@ -303,12 +303,150 @@ def mesh_status(as_json: JsonOpt = False) -> None:
         f"log         {log['events']} events, {log['bytes']} bytes, clock {log['clock']}",
         f"own         seq {status['own']['seq']}, {status['unexported']} not yet exported",
         f"authors     {len(status['authors'])} nodes in the log",
+        f"dispatch    {status['dispatch']['lag_events']} events to dispatch, "
+        f"{status['dispatch']['pending']} pending, "
+        f"{status['dispatch']['dead_letters']} dead letters"
+        + (
+            f", paused: {', '.join(status['dispatch']['paused'])}"
+            if status["dispatch"]["paused"]
+            else ""
+        ),
         f"quarantined {status['quarantined']['incidents']} incidents"
         + (f" in {status['quarantined']['dir']}" if status["quarantined"]["incidents"] else ""),
     ]
     for node_id, info in status["nodes"].items():
         lines.append(f"  manifest  {node_id}: head seq {info['head'].get('seq', 0)}")
     _emit(as_json, status, "\n".join(lines))
+
+
+# --- dispatch ------------------------------------------------------------------------------
+
+
+def _dispatcher() -> Any:
+    from .dispatch import Dispatcher
+
+    return Dispatcher(_open())
+
+
+@app.command("mesh-dispatch")
+def mesh_dispatch(
+    max_events: Annotated[
+        int | None, typer.Option("--max-events", help="Stop after this many new events.")
+    ] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait for a running dispatch instead of skipping.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run handlers over new events in the local log, exactly once."""
+    if max_events is not None and max_events < 1:
+        _bad(f"bad --max-events {max_events}: need a positive integer")
+    report = _dispatcher().run(max_events=max_events, wait=wait)
+    if report.skipped:
+        sys.stderr.write("orxaq-autonomy: another mesh-dispatch is running; skipped\n")
+        human = ""
+    else:
+        human = (
+            f"dispatched {report.events} events: {report.handled} handler runs, "
+            f"{report.followups} follow-ups"
+            + (f" ({report.duplicates} already there)" if report.duplicates else "")
+            + (f", {report.failed} failures" if report.failed else "")
+            + (f", {report.dead_lettered} dead-lettered" if report.dead_lettered else "")
+            + (f", {report.pending} pending" if report.pending else "")
+            + (f", paused: {', '.join(report.paused)}" if report.paused else "")
+        )
+    _emit(as_json, report.as_dict(), human)
+
+
+@app.command("mesh-replay")
+def mesh_replay(
+    handler: Annotated[str, typer.Option("--handler", help="The handler to run again.")],
+    from_seq: Annotated[
+        int, typer.Option("--from-seq", help="Start at this node's event with this seq.")
+    ] = 1,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run one handler again over past events; unchanged logic appends nothing."""
+    report = _dispatcher().replay(handler, from_seq)
+    human = (
+        f"replayed {handler} over {report.events} events: {report.handled} runs, "
+        f"{report.followups} new follow-ups, {report.duplicates} unchanged"
+        + (f", {report.failed} failures" if report.failed else "")
+    )
+    data = {k: v for k, v in report.as_dict().items() if k not in ("skipped", "paused")}
+    _emit(as_json, data, human)
+
+
+@app.command("mesh-trace")
+def mesh_trace(
+    event_id: Annotated[str, typer.Argument(help="An event id or a unique prefix.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """The causal chain of an event: its causes and its follow-ups."""
+    trace = _open().trace(event_id)
+    lines = []
+    for cause in reversed(trace["causes"]):
+        lines.append(
+            "cause    "
+            + (_one_line(cause) if "v" in cause else f"{cause['event_id']} (not in the local log)")
+        )
+    lines.append("event  > " + _one_line(trace["event"]))
+
+    def walk(nodes: list[dict[str, Any]], depth: int) -> None:
+        for node in nodes:
+            lines.append("  " * depth + "follow-up " + _one_line(node["event"]))
+            walk(node["followups"], depth + 1)
+
+    walk(trace["followups"], 1)
+    _emit(as_json, trace, "\n".join(lines))
+
+
+@app.command("mesh-dlq")
+def mesh_dlq(
+    action: Annotated[str, typer.Argument(help="list, retry ID, drop ID or stats")],
+    event_id: Annotated[
+        str | None, typer.Argument(help="For retry and drop: an event id or prefix.")
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The dead letters of this node: list, retry ID, drop ID, stats."""
+    if action not in ("list", "retry", "drop", "stats"):
+        _bad(f"bad mesh-dlq action {action!r}: need list, retry ID, drop ID or stats")
+    if action in ("retry", "drop") and event_id is None:
+        _bad(f"mesh-dlq {action} needs an event id")
+    if action in ("list", "stats") and event_id is not None:
+        _bad(f"mesh-dlq {action} takes no event id")
+    dispatcher = _dispatcher()
+    if action == "list":
+        letters = dispatcher.dead_letters()
+        human = (
+            "\n".join(
+                f"{d['event_id'][:16]}  {d['handler']}  {d['routing_key']}  attempts "
+                f"{d['attempts']}  {d['error']}"
+                for d in letters
+            )
+            or "no dead letters"
+        )
+        _emit(as_json, {"dead_letters": letters}, human)
+    elif action == "stats":
+        letters = dispatcher.dead_letters()
+        by_handler: dict[str, int] = {}
+        for d in letters:
+            by_handler[d["handler"]] = by_handler.get(d["handler"], 0) + 1
+        human = f"{len(letters)} dead letters" + "".join(
+            f"\n  {name}: {n}" for name, n in sorted(by_handler.items())
+        )
+        _emit(as_json, {"count": len(letters), "by_handler": by_handler}, human)
+    else:
+        assert event_id is not None
+        done = (dispatcher.retry_dead if action == "retry" else dispatcher.drop_dead)(event_id)
+        verb = "queued for the next mesh-dispatch" if action == "retry" else "dropped"
+        human = "\n".join(f"{d['event_id']} {d['handler']}: {verb}" for d in done)
+        _emit(
+            as_json,
+            {action: [{"event_id": d["event_id"], "handler": d["handler"]} for d in done]},
+            human,
+        )
 
 
 # --- entry point ---------------------------------------------------------------------------

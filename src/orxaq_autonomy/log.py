@@ -212,7 +212,7 @@ class EventLog:
         idem: list[tuple[str, str, str, str, int]] = []
         clock = 0
         last_offset, last_id = 0, None
-        for offset, line in self._iter_raw(0, size):
+        for offset, line in self.iter_lines(0, size):
             if not line.endswith(b"\n"):
                 good_size = offset  # a torn last line: quarantined below
                 break
@@ -294,7 +294,7 @@ class EventLog:
         for draft in drafts:
             if draft.idempotency_key is not None:
                 key = (draft.tenant or "", draft.idempotency_key)
-                earlier = batch_keys.get(key) or self._idempotent_hit(node_id, key)
+                earlier = batch_keys.get(key) or self.idempotent_hit(node_id, key)
                 if earlier is not None:
                     results.append(earlier)
                     continue
@@ -331,7 +331,7 @@ class EventLog:
             raise
         return results
 
-    def _idempotent_hit(self, node_id: str, key: tuple[str, str]) -> Appended | None:
+    def idempotent_hit(self, node_id: str, key: tuple[str, str]) -> Appended | None:
         row = self.db.execute(
             "SELECT event_id, seq FROM idempotency WHERE node=? AND tenant=? AND key=?",
             (node_id, *key),
@@ -359,7 +359,7 @@ class EventLog:
 
     # --- reading ----------------------------------------------------------------------
 
-    def _iter_raw(self, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+    def iter_lines(self, start: int, end: int) -> Iterator[tuple[int, bytes]]:
         """(offset, line) for lines in [start, end); the last may lack its newline."""
         if end <= start:
             return
@@ -387,7 +387,7 @@ class EventLog:
     def iter_events(self, start: int = 0, end: int | None = None) -> Iterator[Envelope]:
         """Committed events in arrival order, from byte `start`."""
         stop = self.committed().log_size if end is None else end
-        for _, line in self._iter_raw(start, stop):
+        for _, line in self.iter_lines(start, stop):
             yield orjson.loads(line)
 
     def iter_events_reverse(self, end: int | None = None) -> Iterator[Envelope]:
@@ -423,7 +423,7 @@ class EventLog:
         """Index rows for the committed lines past `indexed_size`, not yet stored."""
         start = self.db.execute("SELECT indexed_size FROM tail").fetchone()[0]
         end = self.committed().log_size
-        rows = [_index_row(orjson.loads(line), off) for off, line in self._iter_raw(start, end)]
+        rows = [_index_row(orjson.loads(line), off) for off, line in self.iter_lines(start, end)]
         return start, end, rows
 
     def _store_index(
@@ -478,6 +478,18 @@ class EventLog:
             "SELECT offset FROM events WHERE id = ?", (_id_bytes(event_id),)
         ).fetchone()
         return None if row is None else self.read_at(row[0])
+
+    def followups_of(self, event_id: str) -> list[Envelope]:
+        """The events whose causation_id is `event_id`, in log order."""
+        self._index_up_to_date()
+        offsets = [
+            row[0]
+            for row in self.db.execute(
+                "SELECT offset FROM events WHERE causation = ? ORDER BY offset",
+                (_id_bytes(event_id),),
+            )
+        ]
+        return [self.read_at(offset) for offset in offsets]
 
     def contains(self, event_id: str) -> bool:
         self._index_up_to_date()

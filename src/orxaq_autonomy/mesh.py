@@ -10,6 +10,7 @@ for event in mesh.events(match="routing.#", limit=10):
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -106,8 +107,10 @@ class Mesh:
 
         return self.log.append(drafts(), self.node_id, keep_envelopes=False)
 
-    def publish_drafts(self, drafts: Iterable[Draft]) -> list[Appended]:
-        return self.log.append(drafts, self.node_id)
+    def publish_drafts(
+        self, drafts: Iterable[Draft], keep_envelopes: bool = True
+    ) -> list[Appended]:
+        return self.log.append(drafts, self.node_id, keep_envelopes)
 
     def _causation(self, ref: Any) -> Any:
         """A full id is taken as given (its event may not be imported yet); a prefix must
@@ -127,6 +130,32 @@ class Mesh:
         if event is None:  # resolve() found it in the index
             raise BadInput(f"unknown event id {ref!r}")
         return event
+
+    def trace(self, ref: str, max_events: int = 1000) -> dict[str, Any]:
+        """The causal chain of an event: its causes (nearest first) and its follow-ups
+        (a tree). A cause that is not in the local log is listed with `missing: true`."""
+        event = self.get(ref)
+        causes: list[dict[str, Any]] = []
+        cause_id = event.get("causation_id")
+        while cause_id is not None and len(causes) < max_events:
+            cause = self.log.get(cause_id)
+            if cause is None:
+                causes.append({"event_id": cause_id, "missing": True})
+                break
+            causes.append(cause)
+            cause_id = cause.get("causation_id")
+        budget = [max_events]
+
+        def tree(of: Envelope) -> list[dict[str, Any]]:
+            nodes = []
+            for child in self.log.followups_of(of["event_id"]):
+                if budget[0] <= 0:
+                    break
+                budget[0] -= 1
+                nodes.append({"event": child, "followups": tree(child)})
+            return nodes
+
+        return {"event": event, "causes": causes, "followups": tree(event)}
 
     def events(
         self,
@@ -169,7 +198,7 @@ class Mesh:
         tail = self.log.committed()
         heads = self.log.node_heads()
         own = heads.get(self.node_id, {"seq": 0})
-        manifests = self._manifests()
+        manifests = self.manifests()
         exported = manifests.get(self.node_id, {}).get("head", {}).get("seq", 0)
         quarantine = sorted(p.name for p in self.layout.quarantine_dir.glob("*.ndjson"))
         return {
@@ -192,6 +221,7 @@ class Mesh:
                 }
                 for node_id, m in sorted(manifests.items())
             },
+            "dispatch": self._dispatch_status(tail.count),
             "quarantined": {
                 "incidents": tail.quarantined,
                 "files": quarantine,
@@ -200,7 +230,28 @@ class Mesh:
             "last_sync": None,
         }
 
-    def _manifests(self) -> dict[str, dict[str, Any]]:
+    def _dispatch_status(self, count: int) -> dict[str, Any]:
+        state_dir = self.layout.state_dir
+        try:
+            cursor = read_json(state_dir / "dispatch_cursor.json")
+        except FileNotFoundError:
+            cursor = {}
+        dead = state_dir / "dead_letters"
+        now = time.time()
+        return {
+            "cursor": cursor.get("offset", 0),
+            "lag_events": max(0, count - cursor.get("dispatched", 0)),
+            "pending": len(cursor.get("pending", [])),
+            "paused": sorted(
+                name
+                for name, breaker in cursor.get("breakers", {}).items()
+                if breaker.get("open_until", 0) > now
+            ),
+            "dead_letters": sum(1 for _ in dead.glob("*.json")) if dead.exists() else 0,
+        }
+
+    def manifests(self) -> dict[str, dict[str, Any]]:
+        """The node manifests in the ledger (`nodes/<node_id>.json`), by node id."""
         found: dict[str, dict[str, Any]] = {}
         for path in sorted(Path(self.layout.nodes_dir).glob("*.json")):
             try:

@@ -179,6 +179,13 @@ def _init_locked(
         atomic_write_bytes(manifest_path, rendered)
         updated.append(layout.relative(manifest_path))
 
+    config_file = layout.state_dir / "config.toml"
+    if not config_file.exists():
+        from .config import TEMPLATE
+
+        atomic_write_bytes(config_file, TEMPLATE.encode())
+        created.append(layout.relative(config_file))
+
     gitignore = _ensure_gitignore(layout)
     if gitignore == "created":
         created.append(".gitignore")
@@ -220,3 +227,18 @@ def _ensure_gitignore(layout: Layout) -> str | None:
     separator = "\n" if prefix else ""
     atomic_write_bytes(path, (prefix + separator + "\n".join(lines) + "\n").encode())
     return "updated" if existed else "created"
+
+
+def update_manifest(layout: Layout, node_id: str, **fields: Any) -> bool:
+    """Set top-level manifest fields (head, lanes); write only when something changed."""
+    path = layout.manifest_file(node_id)
+    try:
+        manifest = read_json(path)
+    except FileNotFoundError:
+        raise NotInitialised(f"no manifest at {path}: run mesh-init") from None
+    updated = {**manifest, **fields}
+    rendered = dump_json_pretty(updated)
+    if rendered == path.read_bytes():
+        return False
+    atomic_write_bytes(path, rendered)
+    return True

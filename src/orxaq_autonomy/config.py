@@ -1,0 +1,198 @@
+"""The node's config, `state/event_mesh/config.toml`: handler modules, dispatch policy,
+the scaling decision table and the lanes. Validated with pydantic so that a broken config
+is one clear error naming the key, not a surprise in the middle of a dispatch."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import BadInput
+
+_CONDITION_RE = re.compile(r"^\s*(==|!=|>=|<=|>|<)\s*(-?\d+)\s*$")
+COUNT_FIELDS = (
+    "failed_count",
+    "parallel_groups_at_limit",
+    "started_count",
+    "restarted_count",
+    "scaled_up_count",
+    "scaled_down_count",
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DispatchPolicy(_Strict):
+    max_attempts: int = Field(3, ge=1, le=100)
+    backoff_seconds: float = Field(1.0, ge=0)
+    backoff_max_seconds: float = Field(300.0, ge=0)
+    breaker_failures: int = Field(5, ge=1)
+    breaker_open_seconds: float = Field(60.0, ge=0)
+    batch: int = Field(1000, ge=1, le=100_000)  # events handled per durable commit
+
+
+class Rule(_Strict):
+    """First-match rule: every condition (`field = ">0"`) must hold."""
+
+    when: dict[str, str] = Field(default_factory=dict)
+    action: Literal["scale_up", "scale_down", "hold"]
+    reason: str
+    target_delta: int
+
+    @field_validator("when")
+    @classmethod
+    def _conditions(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, condition in value.items():
+            if name not in COUNT_FIELDS:
+                raise ValueError(f"unknown count {name!r}; known: {', '.join(COUNT_FIELDS)}")
+            if not _CONDITION_RE.match(condition):
+                raise ValueError(f"condition {condition!r} for {name}: need e.g. '>0' or '==0'")
+        return value
+
+    def matches(self, counts: dict[str, int]) -> bool:
+        for name, condition in self.when.items():
+            found = _CONDITION_RE.match(condition)
+            assert found is not None  # checked at load
+            op, limit = found.group(1), int(found.group(2))
+            value = counts.get(name, 0)
+            ok = {
+                "==": value == limit,
+                "!=": value != limit,
+                ">=": value >= limit,
+                "<=": value <= limit,
+                ">": value > limit,
+                "<": value < limit,
+            }[op]
+            if not ok:
+                return False
+        return True
+
+
+SCALING_V1 = (
+    Rule(
+        when={"failed_count": ">0"}, action="scale_down", reason="failures_present", target_delta=-1
+    ),
+    Rule(
+        when={"parallel_groups_at_limit": ">0", "started_count": "==0", "restarted_count": "==0"},
+        action="scale_up",
+        reason="capacity_saturated",
+        target_delta=1,
+    ),
+    Rule(
+        when={"scaled_down_count": ">0"}, action="hold", reason="recent_scale_down", target_delta=0
+    ),
+    Rule(when={"scaled_up_count": ">0"}, action="hold", reason="recent_scale_up", target_delta=0),
+)
+FALLBACK = Rule(action="hold", reason="stable", target_delta=0)
+
+
+class Scaling(_Strict):
+    table_version: str = "scaling_v1"
+    rules: tuple[Rule, ...] = SCALING_V1
+
+    def decide(self, counts: dict[str, int]) -> Rule:
+        return next((rule for rule in self.rules if rule.matches(counts)), FALLBACK)
+
+
+class Lane(_Strict):
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
+    rank: int = 0
+    enabled: bool = True
+    capabilities: tuple[str, ...] = ()
+    start: str | list[str]
+    stop: str | list[str]
+    timeout: float = Field(60.0, gt=0)
+
+
+class Config(_Strict):
+    handlers: tuple[str, ...] = ()
+    dispatch: DispatchPolicy = DispatchPolicy()
+    scaling: Scaling = Scaling()
+    lanes: tuple[Lane, ...] = ()
+
+    @field_validator("lanes")
+    @classmethod
+    def _unique_lanes(cls, value: tuple[Lane, ...]) -> tuple[Lane, ...]:
+        ids = [lane.id for lane in value]
+        dupes = sorted({i for i in ids if ids.count(i) > 1})
+        if dupes:
+            raise ValueError(f"lane id {dupes[0]!r} is declared twice")
+        return value
+
+    def lane(self, lane_id: str) -> Lane | None:
+        return next((lane for lane in self.lanes if lane.id == lane_id), None)
+
+
+def load_config(path: Path) -> Config:
+    """The config at `path`, or the defaults when there is none."""
+    if not path.exists():
+        return Config()
+    try:
+        data: dict[str, Any] = tomllib.loads(path.read_text())
+        return Config.model_validate(data)
+    except tomllib.TOMLDecodeError as exc:
+        raise BadInput(f"broken config {path}: {exc}") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "(top level)"
+        raise BadInput(f"broken config {path}: {where}: {first['msg']}") from None
+
+
+TEMPLATE = """\
+# orxaq event mesh: this node's config. Every key is optional; the defaults are shown.
+
+# Python modules with extra handlers (dotted names on sys.path, or .py files relative to
+# the root). Functions decorated with @orxaq_autonomy.handlers.handler are registered.
+# handlers = ["my_team.mesh_handlers", "mesh/handlers.py"]
+
+[dispatch]
+# max_attempts = 3            # a failing handler is dead-lettered after this many tries
+# backoff_seconds = 1.0       # wait before the first retry; doubles on each retry
+# backoff_max_seconds = 300.0
+# breaker_failures = 5        # consecutive failures that pause a handler
+# breaker_open_seconds = 60.0 # how long it pauses; its events wait without using attempts
+# batch = 1000                # events handled per durable commit
+
+[scaling]
+# table_version = "scaling_v1"
+# First matching rule wins; none matching means hold / stable / 0. Replacing the rules
+# replaces the whole table (scaling_v1 is below).
+# [[scaling.rules]]
+# when = { failed_count = ">0" }
+# action = "scale_down"
+# reason = "failures_present"
+# target_delta = -1
+# [[scaling.rules]]
+# when = { parallel_groups_at_limit = ">0", started_count = "==0", restarted_count = "==0" }
+# action = "scale_up"
+# reason = "capacity_saturated"
+# target_delta = 1
+# [[scaling.rules]]
+# when = { scaled_down_count = ">0" }
+# action = "hold"
+# reason = "recent_scale_down"
+# target_delta = 0
+# [[scaling.rules]]
+# when = { scaled_up_count = ">0" }
+# action = "hold"
+# reason = "recent_scale_up"
+# target_delta = 0
+
+# Lanes this node offers. start/stop run with a timeout (seconds), as a shell command
+# string or an argv list, with ORXAQ_LANE_ID, ORXAQ_LANE_ACTION, ORXAQ_COMMAND_ID,
+# ORXAQ_EVENT_ID, ORXAQ_NODE_ID, ORXAQ_TARGET_DELTA and ORXAQ_REASON in the environment.
+# [[lanes]]
+# id = "lane-1"
+# rank = 1
+# enabled = true
+# capabilities = ["python"]
+# start = "systemctl --user start agent@1"
+# stop = ["systemctl", "--user", "stop", "agent@1"]
+# timeout = 60
+"""
