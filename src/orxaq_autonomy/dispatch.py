@@ -358,7 +358,9 @@ class Dispatcher:
             position = offset + len(line)
             last = (offset, event["event_id"])
             count += 1
-            bindings = [self.by_name[only]] if only else self.routes(routing_key(event))
+            bindings = self.routes(routing_key(event))
+            if only:
+                bindings = [b for b in bindings if b.name == only]
             for binding in bindings:
                 if not binding.applies(event, self.node_id):
                     continue
