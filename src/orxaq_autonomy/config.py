@@ -34,7 +34,7 @@ class DispatchPolicy(_Strict):
     backoff_max_seconds: float = Field(300.0, ge=0)
     breaker_failures: int = Field(5, ge=1)
     breaker_open_seconds: float = Field(60.0, ge=0)
-    batch: int = Field(1000, ge=1, le=100_000)  # events handled per durable commit
+    batch: int = Field(5000, ge=1, le=100_000)  # events handled per durable commit
 
 
 class Rule(_Strict):
@@ -157,7 +157,7 @@ TEMPLATE = """\
 # backoff_max_seconds = 300.0
 # breaker_failures = 5        # consecutive failures that pause a handler
 # breaker_open_seconds = 60.0 # how long it pauses; its events wait without using attempts
-# batch = 1000                # events handled per durable commit
+# batch = 5000                # events handled per durable commit
 
 [scaling]
 # table_version = "scaling_v1"

@@ -29,7 +29,18 @@ from typing import Any
 import orjson
 
 from .config import Config, DispatchPolicy, load_config
-from .envelope import Draft, Envelope, canonical_bytes, now_timestamp, routing_key
+from .envelope import (
+    Draft,
+    Envelope,
+    canonical_bytes,
+    check_event_type,
+    check_node_id,
+    check_payload,
+    check_text,
+    check_topic,
+    now_timestamp,
+    routing_key,
+)
 from .errors import BadInput, OperationFailed
 from .fsutil import FileLock, atomic_write_json, read_json
 from .handlers import Binding, Context, FollowUp, Reject, load_bindings
@@ -117,18 +128,21 @@ def make_followup(handler: str, cause: Envelope, fu: FollowUp) -> Draft:
     """The follow-up's draft: everything but its content is taken from the cause."""
     if not isinstance(fu, FollowUp):
         raise TypeError(f"handler returned {type(fu).__name__}, not FollowUp")
-    return Draft.create(
-        fu.topic,
-        fu.event_type,
-        fu.payload,
+    # What the handler chose is validated; what comes from the (valid) cause is not again.
+    return Draft(
+        topic=check_topic(fu.topic),
+        event_type=check_event_type(fu.event_type),
+        payload=check_payload(fu.payload),
         source=f"handler:{handler}",
         timestamp=cause["timestamp"],
         causation_id=cause["event_id"],
         correlation_id=cause.get("correlation_id", cause["event_id"]),
-        target=fu.target,
+        target=None if fu.target is None else check_node_id(fu.target, "target"),
         partition_key=cause.get("partition_key"),
         tenant=cause.get("tenant"),
-        idempotency_key=fu.key or followup_key(handler, cause["event_id"], fu),
+        idempotency_key=check_text(fu.key, "follow-up key")
+        if fu.key is not None
+        else followup_key(handler, cause["event_id"], fu),
     )
 
 

@@ -21,6 +21,7 @@ missing or does not belong to the log (for example a restored backup).
 from __future__ import annotations
 
 import gc
+import itertools
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator
@@ -69,6 +70,7 @@ CREATE TABLE idempotency (
 """
 
 _READ_CHUNK = 1 << 20
+_LOOKUP_CHUNK = 500  # drafts whose idempotency keys are looked up in one query
 _WRITE_CHUNK = 4 << 20  # large batches go out in bounded write() calls
 
 
@@ -291,28 +293,31 @@ class EventLog:
         idem_rows: list[tuple[str, str, str, str, int]] = []
         batch_keys: dict[tuple[str, str], Appended] = {}
         offset = last_offset = tail.log_size
-        for draft in drafts:
-            if draft.idempotency_key is not None:
-                key = (draft.tenant or "", draft.idempotency_key)
-                earlier = batch_keys.get(key) or self.idempotent_hit(node_id, key)
-                if earlier is not None:
-                    results.append(earlier)
-                    continue
-            seq += 1
-            clock += 1
-            env, line = seal(
-                draft, node_id=node_id, seq=seq, prev=prev, clock=clock, timestamp=timestamp
-            )
-            prev = env["event_id"]
-            appended += 1
-            if draft.idempotency_key is not None:
-                idem_rows.append(_idem_row(env))
-                batch_keys[key] = Appended(prev, seq, True)
-            buffer += line
-            buffer += b"\n"
-            last_offset = offset
-            offset += len(line) + 1
-            results.append(Appended(prev, seq, False, env if keep_envelopes else None))
+        for chunk in _chunks(drafts, _LOOKUP_CHUNK):
+            keyed = [(d.tenant or "", d.idempotency_key) for d in chunk if d.idempotency_key]
+            batch_keys.update(self._idempotent_hits(node_id, keyed))
+            for draft in chunk:
+                if draft.idempotency_key is not None:
+                    key = (draft.tenant or "", draft.idempotency_key)
+                    earlier = batch_keys.get(key)
+                    if earlier is not None:
+                        results.append(earlier)
+                        continue
+                seq += 1
+                clock += 1
+                env, line = seal(
+                    draft, node_id=node_id, seq=seq, prev=prev, clock=clock, timestamp=timestamp
+                )
+                prev = env["event_id"]
+                appended += 1
+                if draft.idempotency_key is not None:
+                    idem_rows.append(_idem_row(env))
+                    batch_keys[key] = Appended(prev, seq, True)
+                buffer += line
+                buffer += b"\n"
+                last_offset = offset
+                offset += len(line) + 1
+                results.append(Appended(prev, seq, False, env if keep_envelopes else None))
         if not appended:
             return results
         self._write(buffer, tail.log_size)
@@ -331,12 +336,27 @@ class EventLog:
             raise
         return results
 
+    def _idempotent_hits(
+        self, node_id: str, keys: list[tuple[str, str]]
+    ) -> dict[tuple[str, str], Appended]:
+        """The earlier events for any of `keys`, in one query per tenant."""
+        found: dict[tuple[str, str], Appended] = {}
+        by_tenant: dict[str, list[str]] = {}
+        for tenant, key in keys:
+            by_tenant.setdefault(tenant, []).append(key)
+        for tenant, names in by_tenant.items():
+            marks = ",".join("?" * len(names))
+            for key, event_id, seq in self.db.execute(
+                "SELECT key, event_id, seq FROM idempotency "
+                f"WHERE node=? AND tenant=? AND key IN ({marks})",
+                (node_id, tenant, *names),
+            ):
+                found[(tenant, key)] = Appended(event_id, seq, True)
+        return found
+
     def idempotent_hit(self, node_id: str, key: tuple[str, str]) -> Appended | None:
-        row = self.db.execute(
-            "SELECT event_id, seq FROM idempotency WHERE node=? AND tenant=? AND key=?",
-            (node_id, *key),
-        ).fetchone()
-        return Appended(row[0], row[1], True) if row else None
+        """The event `node_id` published earlier under (tenant, idempotency key), if any."""
+        return self._idempotent_hits(node_id, [key]).get(key)
 
     def _write(self, data: bytes | bytearray, expected_size: int) -> None:
         created = not self.path.exists()
@@ -507,6 +527,12 @@ class EventLog:
                 "SELECT node, last_seq, last_id FROM nodes ORDER BY node"
             )
         }
+
+
+def _chunks(items: Iterable[Draft], size: int) -> Iterator[list[Draft]]:
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
 
 
 def _index_row(env: Envelope, offset: int) -> tuple[bytes, int, bytes | None]:
