@@ -28,16 +28,35 @@ def workload(n: int) -> list[dict[str, Any]]:
     for i in range(n):
         kind = i % 4
         if kind == 0:
-            items.append({"topic": "monitoring", "event_type": "heartbeat.changed",
-                          "payload": {"lane": f"lane-{i % 8}"}})
+            items.append(
+                {
+                    "topic": "monitoring",
+                    "event_type": "heartbeat.changed",
+                    "payload": {"lane": f"lane-{i % 8}"},
+                }
+            )
         elif kind == 1:
-            items.append({"topic": "scheduling", "event_type": "task.enqueued",
-                          "payload": {"task_id": f"task-{i}", "routing_options": [
-                              {"lane_id": "l1", "node_id": "node-b", "score": i % 5},
-                              {"lane_id": "l2", "node_id": "node-c", "score": 2.5}]}})
+            items.append(
+                {
+                    "topic": "scheduling",
+                    "event_type": "task.enqueued",
+                    "payload": {
+                        "task_id": f"task-{i}",
+                        "routing_options": [
+                            {"lane_id": "l1", "node_id": "node-b", "score": i % 5},
+                            {"lane_id": "l2", "node_id": "node-c", "score": 2.5},
+                        ],
+                    },
+                }
+            )
         elif kind == 2:
-            items.append({"topic": "scheduling", "event_type": "lanes.ensure.summary",
-                          "payload": {"failed_count": i % 3 == 0, "started_count": 1}})
+            items.append(
+                {
+                    "topic": "scheduling",
+                    "event_type": "lanes.ensure.summary",
+                    "payload": {"failed_count": i % 3 == 0, "started_count": 1},
+                }
+            )
         else:
             items.append({"topic": "ci", "event_type": "run.finished", "payload": {"run": i}})
     return items
@@ -74,16 +93,20 @@ def main() -> None:
         big = fresh(base, "big")
         big.publish_many(workload(n))
         events, seconds = drain(big)
-        print(f"drain through the built-in chain: {n:,} published, {events:,} events "
-              f"dispatched (with follow-ups) in {seconds:.2f} s = {events / seconds:,.0f} "
-              f"events/s ({n / seconds:,.0f} published events/s)")
+        print(
+            f"drain through the built-in chain: {n:,} published, {events:,} events "
+            f"dispatched (with follow-ups) in {seconds:.2f} s = {events / seconds:,.0f} "
+            f"events/s ({n / seconds:,.0f} published events/s)"
+        )
         small = fresh(base, "small")
         small.publish_many(workload(1_000))
         drain(small)
         a = one_more(small, 15)
         b = one_more(big, 15)
-        print(f"dispatch one new event: {a * 1000:.1f} ms after 1,000 events, "
-              f"{b * 1000:.1f} ms after {n:,}; ratio {b / a:.2f}")
+        print(
+            f"dispatch one new event: {a * 1000:.1f} ms after 1,000 events, "
+            f"{b * 1000:.1f} ms after {n:,}; ratio {b / a:.2f}"
+        )
 
 
 if __name__ == "__main__":
