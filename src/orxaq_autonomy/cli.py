@@ -10,7 +10,8 @@ from __future__ import annotations
 import io
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
@@ -311,6 +312,14 @@ def mesh_status(as_json: JsonOpt = False) -> None:
             if status["dispatch"]["paused"]
             else ""
         ),
+        f"import      {status['import_rejected']} files rejected at the last import",
+        "sync        "
+        + (
+            f"last {status['last_sync']['last_sync']}, "
+            + ("push pending" if status["last_sync"]["push_pending"] else "pushed")
+            if status["last_sync"]
+            else "never synced"
+        ),
         f"quarantined {status['quarantined']['incidents']} incidents"
         + (f" in {status['quarantined']['dir']}" if status["quarantined"]["incidents"] else ""),
     ]
@@ -447,6 +456,150 @@ def mesh_dlq(
             {action: [{"event_id": d["event_id"], "handler": d["handler"]} for d in done]},
             human,
         )
+
+
+# --- ledger and sync -------------------------------------------------------------------
+
+
+@contextmanager
+def _progress(label: str, as_json: bool) -> Iterator[Callable[[int], None]]:
+    """A live count on stderr when it is a terminal; nothing otherwise."""
+    if as_json or _globals.json or not sys.stderr.isatty():
+        yield lambda _: None
+        return
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    columns = (
+        SpinnerColumn(),
+        TextColumn("{task.description} {task.completed:,}"),
+        TimeElapsedColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task(label, total=None)
+        yield lambda n: bar.advance(task, n)
+
+
+def _exit_partial(rejected: list[dict[str, str]]) -> None:
+    from .errors import EXIT_PARTIAL
+
+    for problem in rejected:
+        sys.stderr.write(f"orxaq-autonomy: rejected {problem['path']}: {problem['reason']}\n")
+    if rejected:
+        sys.exit(EXIT_PARTIAL)
+
+
+def _check_max(value: int | None, option: str) -> None:
+    if value is not None and value < 1:
+        _bad(f"bad {option} {value}: need a positive integer")
+
+
+@app.command("mesh-export")
+def mesh_export(
+    max_events: Annotated[int | None, typer.Option("--max-events")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write this node's new events to its outbox and update its manifest head."""
+    from .ledger import export_events
+
+    _check_max(max_events, "--max-events")
+    mesh = _open()
+    with _progress("exporting", as_json) as advance:
+        report = export_events(mesh, max_events, advance)
+    human = f"exported {report.exported} events" + (
+        f" (seq {report.first_seq}-{report.last_seq})" if report.exported else ""
+    )
+    _emit(as_json, report.as_dict(), human)
+
+
+@app.command("mesh-import")
+def mesh_import(
+    max_events: Annotated[int | None, typer.Option("--max-events")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Append new, verified events from the other nodes' outboxes (exit 3 if any rejected)."""
+    from .ledger import import_events
+
+    _check_max(max_events, "--max-events")
+    mesh = _open()
+    with _progress("importing", as_json) as advance:
+        report = import_events(mesh, max_events, advance)
+    human = (
+        f"imported {report.imported} events"
+        + "".join(f"\n  {node}: {n}" for node, n in sorted(report.nodes.items()))
+        + (f"\n{report.waiting} waiting for an earlier event" if report.waiting else "")
+    )
+    data = report.as_dict()
+    _emit(as_json, data, human)
+    _exit_partial(data["rejected"])
+
+
+@app.command("mesh-sync")
+def mesh_sync(
+    no_push: Annotated[bool, typer.Option("--no-push", help="Commit locally only.")] = False,
+    max_retries: Annotated[
+        int, typer.Option("--max-retries", help="Retries of a rejected push.")
+    ] = 5,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait for a running sync instead of skipping.")
+    ] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Pull (rebase), import, dispatch, export, commit the ledger, push with retries."""
+    from .sync import Syncer
+
+    mesh = _open()
+    with _progress("syncing", as_json) as advance:
+        report = Syncer(mesh, advance).run(push=not no_push, max_retries=max_retries, wait=wait)
+    if report.skipped:
+        sys.stderr.write("orxaq-autonomy: another mesh-sync is running; skipped\n")
+        _emit(as_json, report.as_dict(), "")
+        return
+    if report.remote is None:
+        where = "no remote"
+    elif report.pushed:
+        where = f"pushed to {report.remote}/{report.branch}"
+    elif no_push:
+        where = "push skipped (--no-push)"
+    else:
+        where = f"push pending ({report.offline_reason or 'remote unreachable'})"
+    human = (
+        f"imported {report.imported}, dispatched {report.dispatched} "
+        f"({report.followups} follow-ups), exported {report.exported}; "
+        + (f"committed {report.commit[:10]}; " if report.commit else "nothing to commit; ")
+        + where
+    )
+    _emit(as_json, report.as_dict(), human)
+    _exit_partial(report.rejected)
+
+
+@app.command("mesh-verify")
+def mesh_verify(
+    since: Annotated[
+        str | None,
+        typer.Option("--since", help="Only nodes touched since this git revision (a PR base)."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Check the ledger as a PR check; works on any checkout (exit 3 on problems)."""
+    from .ledger import verify_ledger
+    from .paths import resolve_layout
+
+    layout = resolve_layout(_globals.root)
+    if not layout.ledger_dir.is_dir():
+        _bad(f"no ledger at {layout.ledger_dir}")
+    changed = None
+    if since is not None:
+        from .sync import changed_since
+
+        changed = changed_since(layout.root, layout.ledger_dir, since)
+    report = verify_ledger(layout, changed)
+    human = f"checked {report.checked} files of {report.nodes} nodes: " + (
+        "ok" if report.ok else f"{len(report.problems)} problems"
+    )
+    data = report.as_dict()
+    _emit(as_json, data, human)
+    _exit_partial(data["problems"])
 
 
 # --- entry point ---------------------------------------------------------------------------

@@ -354,6 +354,62 @@ class EventLog:
                 found[(tenant, key)] = Appended(event_id, seq, True)
         return found
 
+    def append_sealed(self, envelopes: Iterable[Envelope]) -> list[tuple[Envelope, str]]:
+        """Append events other nodes authored (already verified), each only if it extends
+        its author's chain here: seq = last seq + 1 and prev = last id. Returns the events
+        that did not, with the reason; an event the log already holds is skipped silently."""
+        refused: list[tuple[Envelope, str]] = []
+        with FileLock(self.lock_path):
+            tail = self._recover()
+            db = self.db
+            heads: dict[str, tuple[int, str | None]] = {}
+            buffer = bytearray()
+            idem_rows: list[tuple[str, str, str, str, int]] = []
+            clock, offset, last_offset, last_id = tail.clock, tail.log_size, 0, None
+            for env in envelopes:
+                node = env["node_id"]
+                if node not in heads:
+                    row = db.execute(
+                        "SELECT last_seq, last_id FROM nodes WHERE node = ?", (node,)
+                    ).fetchone()
+                    heads[node] = (row[0], row[1]) if row else (0, None)
+                seq, prev = heads[node]
+                if env["seq"] <= seq:
+                    continue  # already here (or a fork, which the caller checks)
+                if env["seq"] != seq + 1 or env.get("prev") != prev:
+                    refused.append((env, f"does not extend {node}'s chain at seq {seq}"))
+                    continue
+                line = orjson.dumps(env, option=orjson.OPT_SORT_KEYS)
+                buffer += line
+                buffer += b"\n"
+                heads[node] = (env["seq"], env["event_id"])
+                clock = max(clock, env["clock"])
+                if "idempotency_key" in env:
+                    idem_rows.append(_idem_row(env))
+                last_offset, last_id = offset, env["event_id"]
+                offset += len(line) + 1
+            if not buffer:
+                return refused
+            self._write(buffer, tail.log_size)
+            count = buffer.count(b"\n")
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                db.executemany("INSERT OR IGNORE INTO idempotency VALUES (?,?,?,?,?)", idem_rows)
+                db.executemany(
+                    "INSERT OR REPLACE INTO nodes VALUES (?,?,?)",
+                    [(node, seq, last) for node, (seq, last) in heads.items() if last],
+                )
+                db.execute(
+                    "UPDATE tail SET log_size=?, last_offset=?, last_event_id=?, clock=?, "
+                    "count=count+?",
+                    (offset, last_offset, last_id, clock, count),
+                )
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        return refused
+
     def idempotent_hit(self, node_id: str, key: tuple[str, str]) -> Appended | None:
         """The event `node_id` published earlier under (tenant, idempotency key), if any."""
         return self._idempotent_hits(node_id, [key]).get(key)

@@ -227,8 +227,18 @@ class Mesh:
                 "files": quarantine,
                 "dir": str(self.layout.quarantine_dir),
             },
-            "last_sync": None,
+            "import_rejected": self._count("import_rejected.json", "rejected"),
+            "last_sync": self._read_state("sync.json") or None,
         }
+
+    def _read_state(self, name: str) -> dict[str, Any]:
+        try:
+            return dict(read_json(self.layout.state_dir / name))
+        except FileNotFoundError:
+            return {}
+
+    def _count(self, name: str, key: str) -> int:
+        return len(self._read_state(name).get(key, []))
 
     def _dispatch_status(self, count: int) -> dict[str, Any]:
         state_dir = self.layout.state_dir

@@ -1,0 +1,387 @@
+"""The ledger: the git-tracked folder through which nodes exchange events.
+
+    <ledger>/nodes/<node_id>.json                         manifest, with head {seq, event_id}
+    <ledger>/outbox/<node_id>/<bucket>/<event_id>.json    one pretty JSON file per event
+
+`bucket` is `(seq - 1) // 1000`, six digits (`000000` holds seq 1-1000), so no folder grows
+past 1,000 files and an import lists only the buckets at or after what it already has.
+Files directly in `outbox/<node_id>/` or in other subfolders are read too.
+
+This module knows files, not git: `sync.py` moves the folder between nodes.
+Costs grow with new events only: export resumes from a byte offset in the log; import
+compares each manifest's head with the author's last seq in the local log and reads
+nothing for a node that has nothing new.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from .envelope import EVENT_ID_RE, Envelope, check_envelope
+from .errors import BadInput
+from .fsutil import atomic_write_json, dump_json_pretty, read_json
+from .mesh import Mesh
+from .node import update_manifest
+from .paths import Layout
+
+BUCKET_SIZE = 1000
+BUCKET_RE = re.compile(r"\d{6}")
+MAX_FILE_BYTES = 4 * 1024 * 1024  # pretty-printed; the envelope itself is checked at 1 MiB
+Progress = Callable[[int], None]
+
+
+def bucket_of(seq: int) -> str:
+    return f"{(seq - 1) // BUCKET_SIZE:06d}"
+
+
+def event_path(layout: Layout, env: Envelope) -> Path:
+    return layout.outbox_dir(env["node_id"]) / bucket_of(env["seq"]) / f"{env['event_id']}.json"
+
+
+def no_progress(_: int) -> None:
+    pass
+
+
+# --- export ----------------------------------------------------------------------------
+
+
+@dataclass
+class ExportReport:
+    exported: int = 0
+    first_seq: int | None = None
+    last_seq: int | None = None
+    head: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+def export_events(
+    mesh: Mesh, max_events: int | None = None, progress: Progress = no_progress
+) -> ExportReport:
+    """Write this node's new events to its outbox and move its manifest head."""
+    layout = mesh.layout
+    state_file = layout.state_dir / "export_seen.json"
+    try:
+        state = read_json(state_file)
+    except FileNotFoundError:
+        state = {"offset": 0, "seq": 0}
+    end = mesh.log.committed().log_size
+    mine = f'"node_id":"{mesh.node_id}"'.encode()
+    report = ExportReport()
+    offset = state["offset"]
+    written_dirs: set[Path] = set()
+    last: Envelope | None = None
+    for line_offset, line in mesh.log.iter_lines(state["offset"], end):
+        if max_events is not None and report.exported >= max_events:
+            break
+        offset = line_offset + len(line)
+        if mine not in line:  # cheap: most lines of a busy mesh are other nodes'
+            continue
+        env: Envelope = orjson.loads(line)
+        if env["node_id"] != mesh.node_id or env["seq"] <= state["seq"]:
+            continue
+        path = event_path(layout, env)
+        data = dump_json_pretty(env)
+        if path.parent not in written_dirs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            written_dirs.add(path.parent)
+        if not path.exists() or path.read_bytes() != data:
+            path.write_bytes(data)
+        report.exported += 1
+        report.first_seq = report.first_seq or env["seq"]
+        report.last_seq = env["seq"]
+        last = env
+        progress(1)
+    if last is not None:
+        os.sync()  # the files are on disk before the head says they exist
+        head = {"seq": last["seq"], "event_id": last["event_id"]}
+        update_manifest(layout, mesh.node_id, head=head)
+        state = {"offset": offset, "seq": last["seq"], "event_id": last["event_id"]}
+        atomic_write_json(state_file, state)
+    elif offset != state["offset"]:
+        atomic_write_json(state_file, {**state, "offset": offset})
+    report.head = mesh.manifests().get(mesh.node_id, {}).get("head", {})
+    return report
+
+
+# --- reading and checking ledger files -------------------------------------------------
+
+
+@dataclass
+class Problem:
+    path: str
+    reason: str
+
+    def as_dict(self) -> dict[str, str]:
+        return {"path": self.path, "reason": self.reason}
+
+
+def read_event_file(path: Path, folder_node: str) -> Envelope:
+    """Parse and check one ledger file; BadInput names what is wrong with it."""
+    if path.is_symlink():
+        raise BadInput("is a symlink; ledger files must be regular files")
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise BadInput(f"is {size} bytes; the limit is {MAX_FILE_BYTES}")
+    try:
+        env = orjson.loads(path.read_bytes())
+    except orjson.JSONDecodeError as exc:
+        raise BadInput(f"is not valid JSON (truncated?): {exc}") from None
+    check_envelope(env)
+    if len(orjson.dumps(env)) > 1024 * 1024:
+        raise BadInput("holds an event over 1 MiB")
+    if env["node_id"] != folder_node:
+        raise BadInput(f"node_id {env['node_id']!r} does not match its folder {folder_node!r}")
+    if path.name != f"{env['event_id']}.json":
+        raise BadInput(f"is named {path.name}, but holds {env['event_id']}")
+    return env  # type: ignore[no-any-return]
+
+
+def event_files(node_dir: Path, from_bucket: str | None = None) -> Iterator[Path]:
+    """Event files of one node's outbox; with `from_bucket`, skip our earlier buckets."""
+    if not node_dir.is_dir():
+        return
+    for entry in sorted(node_dir.iterdir()):
+        if entry.is_dir() and not entry.is_symlink():
+            if from_bucket and BUCKET_RE.fullmatch(entry.name) and entry.name < from_bucket:
+                continue
+            yield from sorted(p for p in entry.iterdir() if p.suffix == ".json")
+        elif entry.suffix == ".json":
+            yield entry
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    if path.is_symlink():
+        raise BadInput("is a symlink; ledger files must be regular files")
+    try:
+        data = read_json(path)
+    except ValueError as exc:
+        raise BadInput(f"is not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or data.get("node_id") != path.stem:
+        raise BadInput(f"must be a JSON object whose node_id is {path.stem!r}")
+    head = data.get("head", {})
+    if not isinstance(head, dict) or not isinstance(head.get("seq", 0), int):
+        raise BadInput("head must be an object with an integer seq")
+    return data
+
+
+# --- import ----------------------------------------------------------------------------
+
+
+@dataclass
+class ImportReport:
+    imported: int = 0
+    nodes: dict[str, int] = field(default_factory=dict)  # node -> events imported
+    waiting: int = 0  # valid events whose predecessor has not arrived yet
+    rejected: list[Problem] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "imported": self.imported,
+            "nodes": self.nodes,
+            "waiting": self.waiting,
+            "rejected": [p.as_dict() for p in self.rejected],
+        }
+
+
+def import_events(
+    mesh: Mesh, max_events: int | None = None, progress: Progress = no_progress
+) -> ImportReport:
+    """Append new, verified events from the other nodes' outboxes, in each node's seq order."""
+    layout = mesh.layout
+    report = ImportReport()
+    heads = mesh.log.node_heads()
+    rel = layout.relative
+    budget = max_events if max_events is not None else -1
+    manifests = sorted(layout.nodes_dir.glob("*.json")) if layout.nodes_dir.is_dir() else []
+    for manifest_path in manifests:
+        node = manifest_path.stem
+        if node == mesh.node_id or budget == 0:
+            continue
+        try:
+            manifest = read_manifest(manifest_path)
+        except BadInput as exc:
+            report.rejected.append(Problem(rel(manifest_path), exc.message))
+            continue
+        have = heads.get(node, {"seq": 0, "event_id": None})
+        if manifest.get("head", {}).get("seq", 0) <= have["seq"]:
+            continue  # nothing new: no file of this node is read
+        candidates: dict[int, list[Envelope]] = {}
+        for path in event_files(layout.outbox_dir(node), bucket_of(have["seq"] + 1)):
+            if EVENT_ID_RE.fullmatch(path.stem) and mesh.log.contains(path.stem):
+                continue
+            try:
+                env = read_event_file(path, node)
+            except (BadInput, OSError) as exc:
+                reason = exc.message if isinstance(exc, BadInput) else str(exc)
+                report.rejected.append(Problem(rel(path), reason))
+                continue
+            if env["seq"] <= have["seq"]:
+                report.rejected.append(
+                    Problem(
+                        rel(path), f"fork: {node} seq {env['seq']} is already another event here"
+                    )
+                )
+                continue
+            candidates.setdefault(env["seq"], []).append(env)
+        chain: list[Envelope] = []
+        seq, prev = have["seq"], have["event_id"]
+        while seq + 1 in candidates and budget != len(chain):
+            options = sorted(candidates.pop(seq + 1), key=lambda e: e["event_id"])
+            nxt = next((e for e in options if e.get("prev") == prev), None)
+            for other in options:
+                if other is not nxt:
+                    report.rejected.append(
+                        Problem(
+                            rel(event_path(layout, other)),
+                            f"prev does not match {node}'s event at seq {seq}"
+                            if nxt is None
+                            else f"fork: {node} seq {other['seq']} twice",
+                        )
+                    )
+            if nxt is None:
+                break
+            chain.append(nxt)
+            seq, prev = nxt["seq"], nxt["event_id"]
+        report.waiting += sum(len(v) for v in candidates.values())
+        if chain:
+            refused = mesh.log.append_sealed(chain)
+            for env, reason in refused:
+                report.rejected.append(Problem(rel(event_path(layout, env)), reason))
+            count = len(chain) - len(refused)
+            report.imported += count
+            report.nodes[node] = count
+            progress(count)
+            if budget > 0:
+                budget -= count
+    atomic_write_json(
+        layout.state_dir / "import_rejected.json",
+        {"rejected": [p.as_dict() for p in report.rejected]},
+    )
+    return report
+
+
+# --- verify ----------------------------------------------------------------------------
+
+
+@dataclass
+class VerifyReport:
+    checked: int = 0
+    nodes: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "ok": self.ok,
+            "checked": self.checked,
+            "nodes": self.nodes,
+            "problems": [p.as_dict() for p in self.problems],
+        }
+
+
+def verify_ledger(layout: Layout, changed: dict[str, str] | None = None) -> VerifyReport:
+    """Check every file of the ledger: it parses, its id matches its content, it is in its
+    node's folder, holds no secret, and each node's chain is whole (seq 1..N, prev links)
+    and matches its manifest's head.
+
+    `changed` (from `--since REV`: path relative to the root -> git status letter) limits
+    the check to the nodes those paths touch, and refuses event files that were modified or
+    deleted: published events are immutable."""
+    report = VerifyReport()
+    rel = layout.relative
+    outbox = layout.outbox_root
+    nodes: set[str] = set()
+    if changed is None:
+        if outbox.is_dir():
+            nodes.update(p.name for p in outbox.iterdir())
+        if layout.nodes_dir.is_dir():
+            nodes.update(p.stem for p in layout.nodes_dir.glob("*.json"))
+    else:
+        outbox_parts = Path(rel(outbox)).parts
+        nodes_dir = Path(rel(layout.nodes_dir))
+        for path, status in sorted(changed.items()):
+            parts = Path(path).parts
+            if parts[: len(outbox_parts)] == outbox_parts and len(parts) > len(outbox_parts):
+                nodes.add(parts[len(outbox_parts)])
+                if status[0] in "MDR" and path.endswith(".json"):
+                    verb = {"M": "modified", "D": "deleted", "R": "renamed"}[status[0]]
+                    report.problems.append(
+                        Problem(path, f"was {verb}: published events are immutable")
+                    )
+            elif Path(path).parent == nodes_dir and path.endswith(".json"):
+                nodes.add(Path(path).stem)
+    for node in sorted(nodes):
+        report.nodes += 1
+        node_dir = outbox / node
+        if node_dir.is_symlink() or (node_dir.exists() and not node_dir.is_dir()):
+            report.problems.append(Problem(rel(node_dir), "is not a plain folder"))
+            continue
+        by_seq: dict[int, Envelope] = {}
+        for file in event_files(node_dir):
+            report.checked += 1
+            try:
+                env = read_event_file(file, node)
+            except (BadInput, OSError) as exc:
+                reason = exc.message if isinstance(exc, BadInput) else str(exc)
+                report.problems.append(Problem(rel(file), reason))
+                continue
+            if env["seq"] in by_seq:
+                report.problems.append(
+                    Problem(
+                        rel(file),
+                        f"fork: seq {env['seq']} is also {by_seq[env['seq']]['event_id']}",
+                    )
+                )
+                continue
+            by_seq[env["seq"]] = env
+        prev = None
+        for seq in range(1, max(by_seq, default=0) + 1):
+            found = by_seq.get(seq)
+            if found is None:
+                report.problems.append(Problem(rel(node_dir), f"seq {seq} is missing"))
+                prev = None
+                continue
+            if prev is not None and found.get("prev") != prev:
+                report.problems.append(
+                    Problem(rel(event_path(layout, found)), f"prev does not match seq {seq - 1}")
+                )
+            prev = found["event_id"]
+        manifest_path = layout.manifest_file(node)
+        if not manifest_path.exists():
+            report.problems.append(Problem(rel(manifest_path), "missing manifest"))
+            continue
+        try:
+            manifest = read_manifest(manifest_path)
+        except (BadInput, OSError) as exc:
+            reason = exc.message if isinstance(exc, BadInput) else str(exc)
+            report.problems.append(Problem(rel(manifest_path), reason))
+            continue
+        head = manifest.get("head", {})
+        top = max(by_seq, default=0)
+        if head.get("seq", 0) != top or (top and head.get("event_id") != by_seq[top]["event_id"]):
+            report.problems.append(
+                Problem(
+                    rel(manifest_path),
+                    f"head is seq {head.get('seq', 0)}, but the outbox ends at seq {top}",
+                )
+            )
+    return report
+
+
+def rejected_count(layout: Layout) -> int:
+    try:
+        return len(read_json(layout.state_dir / "import_rejected.json").get("rejected", []))
+    except FileNotFoundError:
+        return 0

@@ -1,0 +1,325 @@
+"""`mesh-sync`: one round of pull (rebase), import, dispatch, export, commit, push.
+
+Git is driven through GitPython, and only ever with this node's own ledger paths: its
+outbox folder and its manifest. Those are the only files a commit contains, so unrelated
+work in the same repository (edited, staged or untracked) is never committed, and two
+nodes never touch the same file, which makes their commits rebase onto each other without
+conflicts by construction. A conflict elsewhere aborts the rebase and leaves the
+repository as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .envelope import now_timestamp
+from .errors import BadInput, OperationFailed
+from .fsutil import FileLock, atomic_write_json, read_json
+from .ledger import Progress, export_events, import_events, no_progress
+from .mesh import Mesh
+
+if TYPE_CHECKING:
+    from git import Repo
+
+_REJECTED_MARKS = (
+    "[rejected]",
+    "non-fast-forward",
+    "fetch first",
+    "failed to update ref",
+    "cannot lock ref",
+    "stale info",
+)
+
+
+@dataclass
+class SyncReport:
+    skipped: bool = False
+    remote: str | None = None
+    branch: str | None = None
+    pulled: bool = False  # the remote was reached and our branch is on top of it
+    imported: int = 0
+    rejected: list[dict[str, str]] = field(default_factory=list)
+    waiting: int = 0
+    dispatched: int = 0
+    followups: int = 0
+    exported: int = 0
+    committed: bool = False
+    commit: str | None = None
+    pushed: bool = False
+    push_pending: bool = False
+    retries: int = 0
+    offline_reason: str | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+def sync_state(mesh: Mesh) -> dict[str, Any]:
+    try:
+        return dict(read_json(mesh.layout.state_dir / "sync.json"))
+    except FileNotFoundError:
+        return {}
+
+
+def _open_repo(root: Path) -> Repo | None:
+    from git import InvalidGitRepositoryError, NoSuchPathError, Repo
+
+    try:
+        return Repo(root, search_parent_directories=True)
+    except (InvalidGitRepositoryError, NoSuchPathError):
+        return None
+
+
+def _remote(repo: Repo) -> str | None:
+    names = [r.name for r in repo.remotes]
+    if not names:
+        return None
+    try:
+        tracking = repo.active_branch.tracking_branch()
+    except TypeError:
+        tracking = None
+    if tracking is not None and tracking.remote_name in names:
+        return str(tracking.remote_name)
+    return "origin" if "origin" in names else names[0]
+
+
+class Syncer:
+    def __init__(
+        self,
+        mesh: Mesh,
+        progress: Progress = no_progress,
+        backoff_seconds: float = 0.2,
+        backoff_max_seconds: float = 10.0,
+    ) -> None:
+        self.mesh = mesh
+        self.layout = mesh.layout
+        self.progress = progress
+        self.backoff = backoff_seconds
+        self.backoff_max = backoff_max_seconds
+
+    # --- the round --------------------------------------------------------------------
+
+    def run(self, push: bool = True, max_retries: int = 5, wait: bool = False) -> SyncReport:
+        if max_retries < 0:
+            raise BadInput(f"bad --max-retries {max_retries}: need 0 or more")
+        lock = FileLock(self.layout.locks_dir / "sync.lock", timeout=3600)
+        if not lock.acquire(blocking=wait):
+            return SyncReport(skipped=True)
+        try:
+            report = self._run(push, max_retries)
+        finally:
+            lock.release()
+        return report
+
+    def _run(self, push: bool, max_retries: int) -> SyncReport:
+        from .dispatch import Dispatcher
+
+        report = SyncReport()
+        repo = _open_repo(self.layout.root)
+        if repo is None and push:
+            raise BadInput(
+                f"{self.layout.root} is not in a git work tree: clone the coordination "
+                "repository (or git init), or sync with --no-push"
+            )
+        if repo is not None:
+            self._check_repo(repo)
+            report.remote = _remote(repo)
+            report.branch = repo.active_branch.name
+            if report.remote is not None:
+                self._pull(repo, report)
+        imported = import_events(self.mesh, progress=self.progress)
+        report.imported = imported.imported
+        report.rejected = [p.as_dict() for p in imported.rejected]
+        report.waiting = imported.waiting
+        dispatched = Dispatcher(self.mesh).run(wait=True)
+        report.dispatched = dispatched.events
+        report.followups = dispatched.followups
+        exported = export_events(self.mesh, progress=self.progress)
+        report.exported = exported.exported
+        if repo is not None:
+            self._commit(repo, report, exported.first_seq, exported.last_seq)
+            if report.remote is not None and push and report.pulled:
+                self._push(repo, report, max_retries)
+            report.push_pending = self._ahead(repo, report) > 0
+        atomic_write_json(
+            self.layout.state_dir / "sync.json",
+            {
+                "last_sync": now_timestamp(),
+                "remote": report.remote,
+                "pushed": report.pushed,
+                "push_pending": report.push_pending,
+                "commit": report.commit,
+                "offline_reason": report.offline_reason,
+            },
+        )
+        return report
+
+    # --- git --------------------------------------------------------------------------
+
+    def _ledger_paths(self, repo: Repo) -> list[str]:
+        top = Path(str(repo.working_tree_dir)).resolve()
+        paths = [
+            self.layout.outbox_dir(self.mesh.node_id),
+            self.layout.manifest_file(self.mesh.node_id),
+        ]
+        return [p.relative_to(top).as_posix() for p in paths]
+
+    def _check_repo(self, repo: Repo) -> None:
+        if repo.head.is_detached:
+            raise BadInput(f"{repo.working_tree_dir} has a detached HEAD: check out a branch")
+        top = Path(str(repo.working_tree_dir)).resolve()
+        if not self.layout.ledger_dir.resolve().is_relative_to(top):
+            raise BadInput(f"the ledger {self.layout.ledger_dir} is outside the work tree {top}")
+        if (Path(str(repo.git_dir)) / "rebase-merge").exists() or (
+            Path(str(repo.git_dir)) / "rebase-apply"
+        ).exists():
+            raise OperationFailed(f"a rebase is in progress in {top}; finish or abort it first")
+
+    def _fetch(self, repo: Repo, report: SyncReport) -> bool:
+        from git import GitCommandError
+
+        try:
+            repo.git.fetch(report.remote, kill_after_timeout=120)
+        except GitCommandError as exc:
+            report.offline_reason = _one_line(exc)
+            return False
+        return True
+
+    def _remote_ref(self, repo: Repo, report: SyncReport) -> str | None:
+        ref = f"{report.remote}/{report.branch}"
+        return ref if ref in {r.name for r in repo.remote(str(report.remote)).refs} else None
+
+    def _pull(self, repo: Repo, report: SyncReport) -> None:
+        if not self._fetch(repo, report):
+            return
+        ref = self._remote_ref(repo, report)
+        if ref is not None:
+            if not repo.head.is_valid():
+                raise BadInput(
+                    f"{repo.working_tree_dir} has no commit yet but {ref} exists: "
+                    f"clone the coordination repository instead of git init"
+                )
+            self._rebase(repo, ref)
+        report.pulled = True
+
+    def _rebase(self, repo: Repo, ref: str) -> None:
+        from git import GitCommandError
+
+        try:
+            repo.git.rebase("--autostash", ref)
+        except GitCommandError as exc:
+            with contextlib.suppress(GitCommandError):
+                repo.git.rebase("--abort")
+            raise OperationFailed(
+                f"could not rebase onto {ref} (a conflict outside the ledger?); the "
+                f"repository is as it was: {_one_line(exc)}"
+            ) from None
+
+    def _commit(self, repo: Repo, report: SyncReport, first: int | None, last: int | None) -> None:
+        from git import GitCommandError
+
+        paths = self._ledger_paths(repo)
+        existing = [p for p in paths if (Path(str(repo.working_tree_dir)) / p).exists()]
+        if not existing:
+            return
+        repo.git.add("-A", "--", *existing)
+        try:
+            repo.git.diff("--cached", "--quiet", "--", *existing)
+            return  # nothing of ours changed
+        except GitCommandError:
+            pass
+        node = self.mesh.node_id
+        if first is not None and last is not None:
+            message = f"mesh: {node} exported seq {first}-{last} ({last - first + 1} events)"
+        else:
+            message = f"mesh: {node} manifest"
+        env = {}
+        reader = repo.config_reader()
+        if not reader.has_option("user", "name") or not reader.has_option("user", "email"):
+            env = {
+                "GIT_AUTHOR_NAME": node,
+                "GIT_AUTHOR_EMAIL": f"{node}@orxaq-mesh.invalid",
+                "GIT_COMMITTER_NAME": node,
+                "GIT_COMMITTER_EMAIL": f"{node}@orxaq-mesh.invalid",
+            }
+        with repo.git.custom_environment(**env):
+            repo.git.commit("--no-verify", "-m", message, "--only", "--", *existing)
+        report.committed = True
+        report.commit = repo.head.commit.hexsha
+
+    def _push(self, repo: Repo, report: SyncReport, max_retries: int) -> None:
+        from git import GitCommandError
+
+        if self._ahead(repo, report) == 0:
+            report.pushed = True  # nothing to push: the remote has everything
+            return
+        for attempt in range(max_retries + 1):
+            try:
+                repo.git.push(
+                    report.remote, f"HEAD:refs/heads/{report.branch}", kill_after_timeout=120
+                )
+                report.pushed = True
+                return
+            except GitCommandError as exc:
+                text = f"{exc.stderr} {exc.stdout}"
+                if not any(mark in text for mark in _REJECTED_MARKS):
+                    report.offline_reason = _one_line(exc)
+                    return
+            if attempt == max_retries:
+                break
+            report.retries += 1
+            delay = min(self.backoff * 2**attempt, self.backoff_max)
+            time.sleep(delay * random.uniform(0.5, 1.5))
+            if not self._fetch(repo, report):
+                return
+            ref = self._remote_ref(repo, report)
+            if ref is not None:
+                self._rebase(repo, ref)
+        raise OperationFailed(
+            f"push to {report.remote} still rejected after {max_retries} retries; "
+            "the commit is kept locally and the next mesh-sync pushes it"
+        )
+
+    def _ahead(self, repo: Repo, report: SyncReport) -> int:
+        if report.remote is None or not repo.head.is_valid():
+            return 0
+        ref = self._remote_ref(repo, report)
+        if ref is None:
+            return int(repo.git.rev_list("--count", "HEAD"))
+        return int(repo.git.rev_list("--count", f"{ref}..HEAD"))
+
+
+def changed_since(root: Path, ledger_dir: Path, rev: str) -> dict[str, str]:
+    """Ledger paths (relative to `root`) changed since `rev`, with their git status letter."""
+    from git import GitCommandError
+
+    repo = _open_repo(root)
+    if repo is None:
+        raise BadInput(f"--since needs a git work tree; {root} is not in one")
+    top = Path(str(repo.working_tree_dir)).resolve()
+    try:
+        out = repo.git.diff(
+            "--name-status",
+            "--no-renames",
+            rev,
+            "--",
+            ledger_dir.resolve().relative_to(top).as_posix(),
+        )
+    except GitCommandError as exc:
+        raise BadInput(f"bad --since {rev!r}: {_one_line(exc)}") from None
+    changed: dict[str, str] = {}
+    for line in out.splitlines():
+        status, _, path = line.partition("\t")
+        changed[(top / path).relative_to(root).as_posix()] = status
+    return changed
+
+
+def _one_line(exc: Exception) -> str:
+    text = str(getattr(exc, "stderr", "") or exc).strip()
+    text = text.removeprefix("stderr:").strip().strip("'")
+    return " ".join(text.split())[:300]
