@@ -208,8 +208,23 @@ class Syncer:
         report.pulled = True
 
     def _rebase(self, repo: Repo, ref: str) -> None:
+        """Put our commits on top of `ref`. Unrelated local changes ride along (autostash)
+        only when `ref` brings no change to the same paths; otherwise git would leave
+        conflict markers in the user's files, so we refuse and change nothing."""
         from git import GitCommandError
 
+        base = repo.git.merge_base("HEAD", ref)
+        incoming = set(repo.git.diff("--name-only", "--no-renames", base, ref).splitlines())
+        dirty: set[str] = set()
+        for line in repo.git.status("--porcelain", "--untracked-files=all").splitlines():
+            path = line[3:]
+            dirty.update(part.strip('"') for part in path.split(" -> "))
+        clash = sorted(incoming & dirty)
+        if clash:
+            raise OperationFailed(
+                f"{ref} changes {', '.join(clash[:3])}, which you have changed locally; "
+                "commit or stash that work, then sync again (nothing was changed)"
+            )
         try:
             repo.git.rebase("--autostash", ref)
         except GitCommandError as exc:
