@@ -77,7 +77,8 @@ def export_events(
     mine = f'"node_id":"{mesh.node_id}"'.encode()
     report = ExportReport()
     offset = state["offset"]
-    written_dirs: set[Path] = set()
+    outbox = str(layout.outbox_dir(mesh.node_id))
+    made: set[str] = set()
     last: Envelope | None = None
     for line_offset, line in mesh.log.iter_lines(state["offset"], end):
         if max_events is not None and report.exported >= max_events:
@@ -88,13 +89,12 @@ def export_events(
         env: Envelope = orjson.loads(line)
         if env["node_id"] != mesh.node_id or env["seq"] <= state["seq"]:
             continue
-        path = event_path(layout, env)
-        data = dump_json_pretty(env)
-        if path.parent not in written_dirs:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            written_dirs.add(path.parent)
-        if not path.exists() or path.read_bytes() != data:
-            path.write_bytes(data)
+        # plain os calls: pathlib cost more than the writing at thousands of files a second
+        folder = os.path.join(outbox, bucket_of(env["seq"]))
+        if folder not in made:
+            os.makedirs(folder, exist_ok=True)
+            made.add(folder)
+        _write_once(os.path.join(folder, env["event_id"] + ".json"), dump_json_pretty(env))
         report.exported += 1
         report.first_seq = report.first_seq or env["seq"]
         report.last_seq = env["seq"]
@@ -110,6 +110,22 @@ def export_events(
         atomic_write_json(state_file, {**state, "offset": offset})
     report.head = mesh.manifests().get(mesh.node_id, {}).get("head", {})
     return report
+
+
+def _write_once(path: str, data: bytes) -> None:
+    """Create `path` with `data`; an existing file is rewritten only if it differs (an
+    export interrupted before it saved its state runs again over the same events)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        with open(path, "rb") as fh:
+            if fh.read() == data:
+                return
+        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
 
 
 # --- reading and checking ledger files -------------------------------------------------
@@ -146,15 +162,17 @@ def read_event_file(path: Path, folder_node: str) -> Envelope:
 
 
 def event_files(node_dir: Path, from_bucket: str | None = None) -> Iterator[Path]:
-    """Event files of one node's outbox; with `from_bucket`, skip our earlier buckets."""
+    """Event files of one node's outbox; with `from_bucket`, skip our earlier buckets.
+    Names are sorted as strings: a big outbox has hundreds of buckets."""
     if not node_dir.is_dir():
         return
-    for entry in sorted(node_dir.iterdir()):
+    for name in sorted(os.listdir(node_dir)):
+        if from_bucket and BUCKET_RE.fullmatch(name) and name < from_bucket:
+            continue  # decided by name: no stat for the buckets already imported
+        entry = node_dir / name
         if entry.is_dir() and not entry.is_symlink():
-            if from_bucket and BUCKET_RE.fullmatch(entry.name) and entry.name < from_bucket:
-                continue
-            yield from sorted(p for p in entry.iterdir() if p.suffix == ".json")
-        elif entry.suffix == ".json":
+            yield from (entry / f for f in sorted(os.listdir(entry)) if f.endswith(".json"))
+        elif name.endswith(".json"):
             yield entry
 
 
@@ -262,10 +280,15 @@ def import_events(
             progress(count)
             if budget > 0:
                 budget -= count
-    atomic_write_json(
-        layout.state_dir / "import_rejected.json",
-        {"rejected": [p.as_dict() for p in report.rejected]},
-    )
+    rejected = {"rejected": [p.as_dict() for p in report.rejected]}
+    rejected_file = layout.state_dir / "import_rejected.json"
+    if rejected["rejected"] or rejected_file.exists():
+        try:
+            unchanged = read_json(rejected_file) == rejected
+        except FileNotFoundError:
+            unchanged = False
+        if not unchanged:
+            atomic_write_json(rejected_file, rejected)
     return report
 
 

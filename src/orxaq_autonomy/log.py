@@ -366,6 +366,7 @@ class EventLog:
             buffer = bytearray()
             idem_rows: list[tuple[str, str, str, str, int]] = []
             clock, offset, last_offset, last_id = tail.clock, tail.log_size, 0, None
+            index_rows: list[tuple[bytes, int, bytes | None]] = []
             for env in envelopes:
                 node = env["node_id"]
                 if node not in heads:
@@ -386,6 +387,7 @@ class EventLog:
                 clock = max(clock, env["clock"])
                 if "idempotency_key" in env:
                     idem_rows.append(_idem_row(env))
+                index_rows.append(_index_row(env, offset))
                 last_offset, last_id = offset, env["event_id"]
                 offset += len(line) + 1
             if not buffer:
@@ -395,6 +397,11 @@ class EventLog:
             db.execute("BEGIN IMMEDIATE")
             try:
                 db.executemany("INSERT OR IGNORE INTO idempotency VALUES (?,?,?,?,?)", idem_rows)
+                # Imports already pay for verification; when the id index is current, keep
+                # it current here rather than have the next lookup read these lines again.
+                if db.execute("SELECT indexed_size FROM tail").fetchone()[0] == tail.log_size:
+                    db.executemany("INSERT OR IGNORE INTO events VALUES (?,?,?)", index_rows)
+                    db.execute("UPDATE tail SET indexed_size = ?", (offset,))
                 db.executemany(
                     "INSERT OR REPLACE INTO nodes VALUES (?,?,?)",
                     [(node, seq, last) for node, (seq, last) in heads.items() if last],
