@@ -1,52 +1,67 @@
 #!/usr/bin/env bash
-# A throwaway tour: one node publishes, batches, queries and reports its status.
-# Usage: bash scripts/demo.sh   (needs `orxaq-autonomy` on PATH)
+# A throwaway fleet: three nodes converge through a local bare git repository.
+# Usage: bash scripts/demo.sh   (needs `orxaq-autonomy` and git on PATH)
 set -euo pipefail
 
 demo=$(mktemp -d "${TMPDIR:-/tmp}/orxaq-demo.XXXXXX")
 trap 'rm -rf "$demo"' EXIT
-mesh() { orxaq-autonomy --root "$demo/node-a" "$@"; }
-step() { printf '\n\033[1m$ orxaq-autonomy %s\033[0m\n' "$*"; }
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+run() { printf '\033[2m$ orxaq-autonomy --root %s %s\033[0m\n' "$1" "${*:2}"; \
+        orxaq-autonomy --root "$demo/$1" "${@:2}"; }
+quiet() { git -c init.defaultBranch=main "$@" >/dev/null 2>&1; }
 
-step mesh-init --node-id node-a --capability routing
-mesh mesh-init --node-id node-a --capability routing
+say "a bare repository stands in for GitHub; three nodes clone it"
+quiet init --bare "$demo/remote.git"
+quiet clone "$demo/remote.git" "$demo/seed"
+git -C "$demo/seed" -c user.name=demo -c user.email=demo@example.invalid \
+  commit -q --allow-empty -m "coordination repository"
+quiet -C "$demo/seed" push origin HEAD:main
+for node in node-a node-b node-c; do
+  quiet clone -b main "$demo/remote.git" "$demo/$node"
+  git -C "$demo/$node" config user.name "$node"
+  git -C "$demo/$node" config user.email "$node@example.invalid"
+done
+run node-a mesh-init --node-id node-a --capability routing
+run node-b mesh-init --node-id node-b --capability gpu
+run node-c mesh-init --node-id node-c
 
-step mesh-publish --topic scheduling --event-type task.enqueued --payload-json '{"task_id": "task-17"}'
-mesh mesh-publish --topic scheduling --event-type task.enqueued \
-  --payload-json '{"task_id": "task-17"}' --correlation-id deploy-1
+say "node-b announces itself; node-a enqueues a task that needs a GPU"
+run node-b mesh-sync
+run node-a mesh-publish --topic scheduling --event-type task.enqueued \
+  --payload-json '{"task_id": "task-17", "required_capabilities": ["gpu"]}' \
+  --correlation-id deploy-1
+run node-a mesh-publish --topic ci --event-type run.finished --idempotency-key ci-run-991
+run node-a mesh-publish --topic ci --event-type run.finished --idempotency-key ci-run-991 --json
 
-step "mesh-publish ... --idempotency-key ci-run-991   (twice: the second is a duplicate)"
-mesh mesh-publish --topic ci --event-type run.finished --idempotency-key ci-run-991 --json
-mesh mesh-publish --topic ci --event-type run.finished --idempotency-key ci-run-991 --json
-
-step "mesh-publish --stdin   (1,000 events, all or none)"
+say "node-b reports a heartbeat; node-c publishes 1,000 events in one batch (all or none)"
+run node-b mesh-publish --topic monitoring --event-type heartbeat.changed
 for i in $(seq 1 1000); do
-  printf '{"topic":"ci","event_type":"job.finished","payload":{"job":%d,"lane":"lane-%d"}}\n' "$i" $((i % 4))
-done | mesh mesh-publish --stdin
+  printf '{"topic":"ci","event_type":"job.finished","payload":{"job":%d}}\n' "$i"
+done | run node-c mesh-publish --stdin
 
-step "mesh-dispatch   (the built-in chain: tick, schedule, route, scale)"
-mesh mesh-publish --topic scheduling --event-type task.enqueued --payload-json \
-  '{"task_id": "task-18", "routing_options": [{"lane_id": "gpu-1", "node_id": "node-b", "score": 0.9},
-    {"lane_id": "cpu-1", "node_id": "node-a", "score": 0.4}]}' >/dev/null
-mesh mesh-publish --topic monitoring --event-type heartbeat.changed >/dev/null
-mesh mesh-publish --topic scheduling --event-type lanes.ensure.summary \
-  --payload-json '{"parallel_groups_at_limit": 1, "lane": "lane-1"}' >/dev/null
-mesh mesh-dispatch
+say "everyone syncs twice: pull, import, dispatch, export, commit, push"
+for round in 1 2; do
+  for node in node-a node-b node-c; do run "$node" mesh-sync; done
+done
 
-step mesh-log --match 'scheduling.#'
-mesh mesh-log --match 'scheduling.#'
+say "the three logs now hold the same events"
+for node in node-a node-b node-c; do
+  printf '%s: ' "$node"
+  orxaq-autonomy --root "$demo/$node" mesh-status --json \
+    | python3 -c 'import json,sys; s=json.load(sys.stdin); print(s["log"]["events"], "events,", s["dispatch"]["lag_events"], "to dispatch")'
+done
 
-step "mesh-trace <the routing decision for task-18>"
-route=$(mesh mesh-log --match 'routing.route.selected' --limit 1 --json \
+say "where did task-17 go? (routed by capability to node-b; handled once, by node-a)"
+run node-c mesh-log --match 'routing.#'
+route=$(orxaq-autonomy --root "$demo/node-c" mesh-log --match 'routing.route.*' --limit 1 --json \
   | python3 -c 'import json, sys; print(json.load(sys.stdin)["events"][0]["event_id"][:12])')
-mesh mesh-trace "$route"
+run node-c mesh-trace "$route"
 
-step mesh-log --match 'ci.job.*' --limit 3
-mesh mesh-log --match 'ci.job.*' --limit 3
+say "a CI job verifies the ledger on a fresh clone (no mesh-init needed)"
+quiet clone -b main "$demo/remote.git" "$demo/ci"
+run ci mesh-verify
+git -C "$demo/ci" log --format='  %h %s' | head -4
 
-step "mesh-publish --payload-json '{\"password\": \"hunter2\"}'   (refused: exit 2, nothing written)"
-mesh mesh-publish --topic ci --event-type oops --payload-json '{"password": "hunter2"}' \
+say "bad input is refused with one line and exit 2; nothing is written"
+run node-a mesh-publish --topic ci --event-type oops --payload-json '{"password": "hunter2"}' \
   || echo "exit code $?"
-
-step mesh-status
-mesh mesh-status
