@@ -81,11 +81,14 @@ def select_route(payload: dict[str, Any], manifests: dict[str, dict[str, Any]]) 
 @handler("routing.route.requested", name="route_select")
 def route_select(event: Envelope, ctx: Context) -> FollowUp:
     result = select_route(event["payload"], ctx.manifests())
+    # Capability routing reads the manifests, which change: key the decision by its cause
+    # so that handling the cause again can never add a second, different decision.
+    key = "route:" + event["event_id"]
     if not result["selected"]:
-        return FollowUp("routing", "route.blocked", {**_task(event), **result})
+        return FollowUp("routing", "route.blocked", {**_task(event), **result}, key=key)
     node = result["selection"].get("node_id")
     target = node if isinstance(node, str) and node else None
-    return FollowUp("routing", "route.selected", {**_task(event), **result}, target=target)
+    return FollowUp("routing", "route.selected", {**_task(event), **result}, target=target, key=key)
 
 
 def _task(event: Envelope) -> dict[str, Any]:

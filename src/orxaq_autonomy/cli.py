@@ -116,6 +116,34 @@ def mesh_init(
 # --- mesh-publish --------------------------------------------------------------------------
 
 
+def _loads(raw: bytes) -> Any:
+    """orjson, except where the text holds a 20+ digit run: orjson turns integers beyond
+    64 bit into floats silently, so those inputs go through json with a range check."""
+    import re
+
+    import orjson
+
+    if re.search(rb"\d{20}", raw) is None:
+        return orjson.loads(raw)
+    import json
+
+    from .envelope import INT64_MAX, INT64_MIN
+
+    def checked(text: str) -> int:
+        value = int(text)
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise ValueError(f"integer {text[:30]} is outside signed 64 bit")
+        return value
+
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        return json.loads(raw, parse_int=checked, parse_constant=no_constants)
+    except ValueError as exc:
+        raise orjson.JSONDecodeError(str(exc), raw.decode(errors="replace"), 0) from None
+
+
 def _read_payload(mesh: Mesh, payload_json: str | None, payload_file: str | None) -> Any:
     import orjson
 
@@ -137,7 +165,7 @@ def _read_payload(mesh: Mesh, payload_json: str | None, payload_file: str | None
     else:
         return {}
     try:
-        return orjson.loads(raw)
+        return _loads(raw)
     except orjson.JSONDecodeError as exc:
         _bad(f"invalid JSON in {where}: {exc}")
 
@@ -155,7 +183,7 @@ def _read_batch(defaults: dict[str, Any]) -> Iterator[dict[str, Any]]:
             if not line.strip():
                 continue
             try:
-                item = orjson.loads(line)
+                item = _loads(line)
             except orjson.JSONDecodeError as exc:
                 _bad(f"stdin line {number}: invalid JSON: {exc}")
             if not isinstance(item, dict):

@@ -136,7 +136,7 @@ def load_config(path: Path) -> Config:
     try:
         data: dict[str, Any] = tomllib.loads(path.read_text())
         return Config.model_validate(data)
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError) as exc:
         raise BadInput(f"broken config {path}: {exc}") from None
     except ValidationError as exc:
         first = exc.errors()[0]

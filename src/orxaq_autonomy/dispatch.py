@@ -30,6 +30,8 @@ import orjson
 
 from .config import Config, DispatchPolicy, load_config
 from .envelope import (
+    INT64_MAX,
+    MAX_EVENT_BYTES,
     Draft,
     Envelope,
     canonical_bytes,
@@ -40,6 +42,7 @@ from .envelope import (
     check_topic,
     now_timestamp,
     routing_key,
+    seal,
 )
 from .errors import BadInput, OperationFailed
 from .fsutil import FileLock, atomic_write_json, read_json
@@ -48,6 +51,7 @@ from .lanes import publish_lanes
 from .mesh import Mesh
 
 STATE_VERSION = 1
+_WIDEST_ID = "evt_" + "f" * 64
 TRACEBACK_TAIL_CHARS = 4000
 
 
@@ -129,7 +133,7 @@ def make_followup(handler: str, cause: Envelope, fu: FollowUp) -> Draft:
     if not isinstance(fu, FollowUp):
         raise TypeError(f"handler returned {type(fu).__name__}, not FollowUp")
     # What the handler chose is validated; what comes from the (valid) cause is not again.
-    return Draft(
+    draft = Draft(
         topic=check_topic(fu.topic),
         event_type=check_event_type(fu.event_type),
         payload=check_payload(fu.payload),
@@ -144,6 +148,18 @@ def make_followup(handler: str, cause: Envelope, fu: FollowUp) -> Draft:
         if fu.key is not None
         else followup_key(handler, cause["event_id"], fu),
     )
+    if len(orjson.dumps(fu.payload)) > MAX_EVENT_BYTES - 4096:
+        # near the limit: seal with the largest seq, clock and prev it could ever get, so
+        # an oversize follow-up fails here (and is dead-lettered), not in the append
+        seal(
+            draft,
+            node_id=cause["node_id"],
+            seq=INT64_MAX,
+            prev=_WIDEST_ID,
+            clock=INT64_MAX,
+            timestamp=cause["timestamp"],
+        )
+    return draft
 
 
 def _as_followups(result: Any) -> list[FollowUp]:
@@ -365,8 +381,9 @@ class Dispatcher:
         position = start
         count = 0
         last: tuple[int, str] | None = None
+        stalled = False
         for offset, line in log.iter_lines(start, end):
-            if count == limit:
+            if count == limit or stalled:
                 break
             event: Envelope = orjson.loads(line)
             position = offset + len(line)
@@ -381,6 +398,10 @@ class Dispatcher:
                 if not only and binding.name in state.lagging:
                     continue
                 if self._paused(state, binding.name, now):
+                    if only:  # it failed again while catching up: resume here next time
+                        state.lagging[only] = offset
+                        stalled = True
+                        break
                     state.lagging.setdefault(binding.name, offset)
                     continue
                 entry = Pending(
@@ -400,7 +421,9 @@ class Dispatcher:
                 else:
                     drafts.extend(outcome)
         if only:
-            if position >= end:
+            if stalled:
+                pass  # lagging[only] already points at the event it could not run
+            elif position >= end:
                 del state.lagging[only]
             else:
                 state.lagging[only] = position

@@ -113,7 +113,11 @@ def check_text(value: Any, what: str) -> str:
 
 
 def format_timestamp(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    m = moment.astimezone(UTC)
+    return (
+        f"{m.year:04d}-{m.month:02d}-{m.day:02d}T{m.hour:02d}:{m.minute:02d}:"
+        f"{m.second:02d}.{m.microsecond:06d}Z"
+    )
 
 
 def now_timestamp() -> str:
@@ -122,17 +126,17 @@ def now_timestamp() -> str:
 
 def normalise_timestamp(raw: Any, what: str = "timestamp") -> str:
     """Any RFC 3339 time with an offset becomes UTC with microseconds and `Z`."""
-    if isinstance(raw, str) and TIMESTAMP_RE.fullmatch(raw):
-        return raw
     try:
         if not isinstance(raw, str) or len(raw) < 20 or raw[10] not in "Tt ":
             raise ValueError
         moment = datetime.fromisoformat(raw.upper().replace("Z", "+00:00"))
-    except ValueError:
-        raise BadInput(f"bad {what} {raw!r}: need RFC 3339, e.g. 2026-11-22T12:34:56Z") from None
-    if moment.tzinfo is None:
-        raise BadInput(f"bad {what} {raw!r}: RFC 3339 needs an offset or Z")
-    return format_timestamp(moment)
+        if moment.tzinfo is None:
+            raise BadInput(f"bad {what} {raw!r}: RFC 3339 needs an offset or Z")
+        return format_timestamp(moment)
+    except (ValueError, OverflowError):
+        raise BadInput(
+            f"bad {what} {raw!r}: need an RFC 3339 time, e.g. 2026-11-22T12:34:56Z"
+        ) from None
 
 
 def check_payload(payload: Any) -> dict[str, Any]:
@@ -158,6 +162,18 @@ def _json_type(value: Any) -> str:
     return type(value).__name__
 
 
+def _holds_value(value: Any) -> bool:
+    """Under a secret-looking key, anything but null, a flag, an empty value or a
+    placeholder (`***`, `<redacted>`, `${TOKEN}`) counts as a secret."""
+    if value is None or isinstance(value, bool):
+        return False
+    if isinstance(value, str):
+        return not is_placeholder(value)
+    if isinstance(value, list | dict):
+        return bool(value)
+    return True
+
+
 def payload_problem(value: Any, path: str = "payload", depth: int = 0) -> str | None:
     """Why `value` may not go into an event, or None. One walk checks that it is
     canonical-safe JSON (string keys, signed 64-bit integers, finite floats, depth <= 64)
@@ -174,12 +190,12 @@ def payload_problem(value: Any, path: str = "payload", depth: int = 0) -> str | 
             if type(key) is not str:
                 return f"bad payload: {path} has a non-string key {key!r}"
             item_kind = type(item)
+            if is_secret_key(key) and _holds_value(item):
+                return (
+                    f"refused payload: {path}.{key} is a secret-looking key holding a "
+                    "value; keep secrets out of events"
+                )
             if item_kind is str:
-                if is_secret_key(key) and not is_placeholder(item):
-                    return (
-                        f"refused payload: {path}.{key} is a secret-looking key holding a "
-                        "value; keep secrets out of events"
-                    )
                 if looks_like_credential(item):
                     return (
                         f"refused payload: {path}.{key} looks like a credential; "
@@ -392,8 +408,13 @@ def _check_envelope(env: Any) -> None:
         raise InvalidEnvelope(f"seq {env['seq']} needs prev")
     else:
         check_event_id(env["prev"], "prev")
-    if not isinstance(env["timestamp"], str) or not TIMESTAMP_RE.fullmatch(env["timestamp"]):
-        raise InvalidEnvelope(f"bad timestamp {env['timestamp']!r}: need UTC with microseconds")
+    stamp = env["timestamp"]
+    if not isinstance(stamp, str) or not TIMESTAMP_RE.fullmatch(stamp):
+        raise InvalidEnvelope(f"bad timestamp {stamp!r}: need UTC with microseconds")
+    try:
+        datetime.fromisoformat(stamp[:-1])
+    except ValueError:
+        raise InvalidEnvelope(f"bad timestamp {stamp!r}: no such date or time") from None
     check_topic(env["topic"])
     check_event_type(env["event_type"])
     check_text(env["source"], "source")

@@ -25,15 +25,17 @@ from typing import Any
 import orjson
 
 from .envelope import EVENT_ID_RE, Envelope, check_envelope
-from .errors import BadInput
-from .fsutil import atomic_write_json, dump_json_pretty, read_json
+from .errors import BadInput, OperationFailed
+from .fsutil import FileLock, atomic_write_json, dump_json_pretty, read_json
 from .mesh import Mesh
 from .node import update_manifest
 from .paths import Layout
 
 BUCKET_SIZE = 1000
 BUCKET_RE = re.compile(r"\d{6}")
-MAX_FILE_BYTES = 4 * 1024 * 1024  # pretty-printed; the envelope itself is checked at 1 MiB
+MAX_FILE_BYTES = 4 * 1024 * 1024
+# An imported clock this high would leave the importing node no clock for its own events.
+CLOCK_CEILING = 2**63 - 1 - 2**32  # pretty-printed; the envelope itself is checked at 1 MiB
 Progress = Callable[[int], None]
 
 
@@ -67,7 +69,20 @@ def export_events(
     mesh: Mesh, max_events: int | None = None, progress: Progress = no_progress
 ) -> ExportReport:
     """Write this node's new events to its outbox and move its manifest head."""
+    with FileLock(mesh.layout.locks_dir / "export.lock", timeout=3600):
+        return _export(mesh, max_events, progress)
+
+
+def _export(mesh: Mesh, max_events: int | None, progress: Progress) -> ExportReport:
     layout = mesh.layout
+    head = mesh.manifests().get(mesh.node_id, {}).get("head", {})
+    own = mesh.log.node_heads().get(mesh.node_id, {"seq": 0})
+    if head.get("seq", 0) > own["seq"]:
+        raise OperationFailed(
+            f"the ledger already holds {mesh.node_id} up to seq {head['seq']}, but the local "
+            f"log ends at seq {own['seq']}: this node lost its log; restore "
+            f"{layout.log_file} or re-init this root under a new node id"
+        )
     state_file = layout.state_dir / "export_seen.json"
     try:
         state = read_json(state_file)
@@ -106,8 +121,14 @@ def export_events(
         update_manifest(layout, mesh.node_id, head=head)
         state = {"offset": offset, "seq": last["seq"], "event_id": last["event_id"]}
         atomic_write_json(state_file, state)
-    elif offset != state["offset"]:
-        atomic_write_json(state_file, {**state, "offset": offset})
+    else:
+        if offset != state["offset"]:
+            atomic_write_json(state_file, {**state, "offset": offset})
+        if state["seq"] and head.get("seq") != state["seq"]:
+            # a manifest written over by a race or by hand: put the exported head back
+            update_manifest(
+                layout, mesh.node_id, head={"seq": state["seq"], "event_id": state["event_id"]}
+            )
     report.head = mesh.manifests().get(mesh.node_id, {}).get("head", {})
     return report
 
@@ -158,6 +179,8 @@ def read_event_file(path: Path, folder_node: str) -> Envelope:
         raise BadInput(f"node_id {env['node_id']!r} does not match its folder {folder_node!r}")
     if path.name != f"{env['event_id']}.json":
         raise BadInput(f"is named {path.name}, but holds {env['event_id']}")
+    if env["clock"] > CLOCK_CEILING:
+        raise BadInput(f"clock {env['clock']} leaves no room for later events")
     return env  # type: ignore[no-any-return]
 
 

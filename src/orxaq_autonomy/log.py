@@ -25,6 +25,7 @@ import itertools
 import os
 import sqlite3
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -111,6 +112,25 @@ class EventLog:
         self.lock_path = lock_path
         self.quarantine_dir = quarantine_dir
         self._db: sqlite3.Connection | None = None
+        self._lock_depth = 0
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        """The log lock, re-entrant within this object: opening the index may rebuild it,
+        which needs the lock the caller may already hold (flock would block on itself)."""
+        if self._lock_depth:
+            self._lock_depth += 1
+            try:
+                yield
+            finally:
+                self._lock_depth -= 1
+            return
+        with FileLock(self.lock_path):
+            self._lock_depth = 1
+            try:
+                yield
+            finally:
+                self._lock_depth = 0
 
     # --- index ------------------------------------------------------------------------
 
@@ -122,7 +142,7 @@ class EventLog:
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA cache_size=-65536")  # 64 MiB: large batches stay in memory
             if db.execute("PRAGMA user_version").fetchone()[0] != _SCHEMA_VERSION:
-                with FileLock(self.lock_path):
+                with self._locked():
                     if db.execute("PRAGMA user_version").fetchone()[0] != _SCHEMA_VERSION:
                         db.execute("PRAGMA journal_mode=WAL")
                         db.executescript(
@@ -169,7 +189,7 @@ class EventLog:
         tail = self._tail()
         if self._file_size() == tail.log_size and self._last_line_matches(tail):
             return tail
-        with FileLock(self.lock_path):
+        with self._locked():
             return self._recover()
 
     def _recover(self) -> Tail:
@@ -270,7 +290,7 @@ class EventLog:
         gc_was_enabled = gc.isenabled()
         gc.disable()  # a batch allocates ~10 objects per event and frees none until the end
         try:
-            with FileLock(self.lock_path):
+            with self._locked():
                 return self._append_locked(drafts, node_id, keep_envelopes)
         finally:
             if gc_was_enabled:
@@ -359,7 +379,7 @@ class EventLog:
         its author's chain here: seq = last seq + 1 and prev = last id. Returns the events
         that did not, with the reason; an event the log already holds is skipped silently."""
         refused: list[tuple[Envelope, str]] = []
-        with FileLock(self.lock_path):
+        with self._locked():
             tail = self._recover()
             db = self.db
             heads: dict[str, tuple[int, str | None]] = {}

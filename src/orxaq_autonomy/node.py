@@ -74,7 +74,9 @@ def load_identity(layout: Layout, env: Mapping[str, str] | None = None) -> Ident
         raise NotInitialised(
             f"{layout.root} is not initialised: run `orxaq-autonomy --root {layout.root} mesh-init`"
         ) from None
-    except (ValueError, KeyError, TypeError) as exc:
+    except NotADirectoryError:
+        raise BadInput(f"{layout.root} is not a directory") from None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise BadInput(f"{layout.node_file} is unreadable ({exc}); restore it or re-init") from None
     wanted = env.get(ENV_NODE_ID)
     if wanted and normalise_node_id(wanted) != identity.node_id:
@@ -221,8 +223,14 @@ def _ensure_gitignore(layout: Layout) -> str | None:
     existing = path.read_text() if existed else ""
     if GITIGNORE_MARK in existing:
         return None
-    private = [p for p in (layout.log_file.parent, layout.state_dir) if p != layout.root]
-    lines = [GITIGNORE_MARK, *(f"/{layout.relative(p)}/" for p in private)]
+    log = layout.log_file
+    private = [
+        f"/{layout.relative(log)}"
+        if log.parent == layout.root
+        else f"/{layout.relative(log.parent)}/",
+        f"/{layout.relative(layout.state_dir)}/",
+    ]
+    lines = [GITIGNORE_MARK, *private]
     prefix = existing if not existing or existing.endswith("\n") else existing + "\n"
     separator = "\n" if prefix else ""
     atomic_write_bytes(path, (prefix + separator + "\n".join(lines) + "\n").encode())
@@ -232,13 +240,13 @@ def _ensure_gitignore(layout: Layout) -> str | None:
 def update_manifest(layout: Layout, node_id: str, **fields: Any) -> bool:
     """Set top-level manifest fields (head, lanes); write only when something changed."""
     path = layout.manifest_file(node_id)
-    try:
-        manifest = read_json(path)
-    except FileNotFoundError:
-        raise NotInitialised(f"no manifest at {path}: run mesh-init") from None
-    updated = {**manifest, **fields}
-    rendered = dump_json_pretty(updated)
-    if rendered == path.read_bytes():
-        return False
-    atomic_write_bytes(path, rendered)
-    return True
+    with FileLock(layout.locks_dir / "manifest.lock"):  # dispatch (lanes) vs export (head)
+        try:
+            manifest = read_json(path)
+        except FileNotFoundError:
+            raise NotInitialised(f"no manifest at {path}: run mesh-init") from None
+        rendered = dump_json_pretty({**manifest, **fields})
+        if rendered == path.read_bytes():
+            return False
+        atomic_write_bytes(path, rendered)
+        return True

@@ -95,12 +95,17 @@ def resolve_layout(
     """The layout for `root` (else $ORXAQ_AUTONOMY_ROOT, else the current directory)."""
     env = os.environ if env is None else env
     base = resolve_root(root, env)
-    return Layout(
+    layout = Layout(
         root=base,
         log_file=_inside(base, env.get(ENV_LOG_FILE), DEFAULT_LOG_FILE, ENV_LOG_FILE),
         state_dir=_inside(base, env.get(ENV_STATE_DIR), DEFAULT_STATE_DIR, ENV_STATE_DIR),
         ledger_dir=_inside(base, env.get(ENV_LEDGER_DIR), DEFAULT_LEDGER_DIR, ENV_LEDGER_DIR),
     )
+    if layout.state_dir == base:
+        raise BadInput(f"{ENV_STATE_DIR} must be a folder inside the root, not the root itself")
+    if layout.log_file.is_dir():
+        raise BadInput(f"the log {layout.log_file} is a directory; point {ENV_LOG_FILE} at a file")
+    return layout
 
 
 def resolve_input_file(layout: Layout, raw: str) -> Path:

@@ -317,11 +317,14 @@ def changed_since(root: Path, ledger_dir: Path, rev: str) -> dict[str, str]:
     if repo is None:
         raise BadInput(f"--since needs a git work tree; {root} is not in one")
     top = Path(str(repo.working_tree_dir)).resolve()
+    if rev.startswith("-"):
+        raise BadInput(f"bad --since {rev!r}: a revision cannot start with '-'")
     try:
+        commit = repo.git.rev_parse("--verify", "--end-of-options", f"{rev}^{{commit}}")
         out = repo.git.diff(
             "--name-status",
             "--no-renames",
-            rev,
+            commit,
             "--",
             ledger_dir.resolve().relative_to(top).as_posix(),
         )
