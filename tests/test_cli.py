@@ -30,6 +30,7 @@ def test_init_creates_layout_and_rerun_changes_nothing(tmp_path: Path, cli: Runn
         "capabilities": [],
         "lanes": [],
         "public_key": data["public_key"],
+        "keys": [{"public_key": data["public_key"], "from_seq": 1}],
         "head": {"seq": 0},
     }
     gitignore = (root / ".gitignore").read_text()

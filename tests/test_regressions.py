@@ -15,6 +15,8 @@ from orxaq_autonomy.dispatch import Dispatcher
 from orxaq_autonomy.envelope import Draft, normalise_timestamp, seal
 from orxaq_autonomy.errors import OperationFailed
 from orxaq_autonomy.ledger import export_events, import_events
+from orxaq_autonomy.node import b64url
+from orxaq_autonomy.trust import Signer
 
 HANDLERS = """
 from orxaq_autonomy.handlers import FollowUp, handler
@@ -118,6 +120,9 @@ def test_timestamps_are_checked_and_zero_padded(raw: str, ok: str | None) -> Non
 def test_an_imported_clock_without_headroom_is_rejected(tmp_path: Path) -> None:
     Mesh.init(tmp_path / "b", node_id="node-b")
     b = Mesh.open(tmp_path / "b")
+    key_file = tmp_path / "evil.key"
+    key_file.write_text("ed25519:" + b64url(os.urandom(32)))
+    signer = Signer(key_file)
     env, _ = seal(
         Draft.create("x", "y", {}),
         node_id="node-evil",
@@ -125,13 +130,13 @@ def test_an_imported_clock_without_headroom_is_rejected(tmp_path: Path) -> None:
         prev=None,
         clock=2**63 - 1,
         timestamp="2026-11-22T00:00:00.000000Z",
+        signer=signer,
     )
     folder = b.layout.outbox_dir("node-evil") / "000000"
     folder.mkdir(parents=True)
     (folder / f"{env['event_id']}.json").write_bytes(orjson.dumps(env))
-    (b.layout.nodes_dir / "node-evil.json").write_bytes(
-        orjson.dumps({"node_id": "node-evil", "head": {"seq": 1}})
-    )
+    manifest = {"node_id": "node-evil", "head": {"seq": 1}, "public_key": signer.public_key}
+    (b.layout.nodes_dir / "node-evil.json").write_bytes(orjson.dumps(manifest))
     report = import_events(b)
     assert report.imported == 0 and "leaves no room" in report.rejected[0].reason
     assert b.publish("x", "y", {}).seq == 1  # the node can still publish

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, NamedTuple
 
@@ -321,9 +322,19 @@ def compute_event_id(envelope: dict[str, Any]) -> str:
 
 
 def seal(
-    draft: Draft, *, node_id: str, seq: int, prev: str | None, clock: int, timestamp: str
+    draft: Draft,
+    *,
+    node_id: str,
+    seq: int,
+    prev: str | None,
+    clock: int,
+    timestamp: str,
+    signer: Callable[[str], str] | None = None,
 ) -> tuple[Envelope, bytes]:
-    """Assign the log's fields and the id; return the envelope and its log line (no newline)."""
+    """Assign the log's fields, the id and (with `signer`) the signature; return the
+    envelope and its log line (no newline)."""
+    if clock > INT64_MAX:
+        raise BadInput(f"the Lamport clock would pass {INT64_MAX}")
     body: Envelope = {
         "v": FORMAT_VERSION,
         "node_id": node_id,
@@ -342,6 +353,8 @@ def seal(
         if value is not None:
             body[name] = value
     body["event_id"] = "evt_" + hashlib.sha256(orjson.dumps(body, option=_DUMP_OPTS)).hexdigest()
+    if signer is not None:
+        body["sig"] = signer(body["event_id"])
     line = orjson.dumps(body, option=_DUMP_OPTS)
     if len(line) > MAX_EVENT_BYTES:
         raise BadInput(

@@ -30,6 +30,7 @@ from .fsutil import FileLock, atomic_write_json, dump_json_pretty, read_json
 from .mesh import Mesh
 from .node import update_manifest
 from .paths import Layout
+from .trust import Keyring
 
 BUCKET_SIZE = 1000
 BUCKET_RE = re.compile(r"\d{6}")
@@ -223,6 +224,7 @@ class ImportReport:
     nodes: dict[str, int] = field(default_factory=dict)  # node -> events imported
     waiting: int = 0  # valid events whose predecessor has not arrived yet
     rejected: list[Problem] = field(default_factory=list)
+    forks: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -230,6 +232,7 @@ class ImportReport:
             "nodes": self.nodes,
             "waiting": self.waiting,
             "rejected": [p.as_dict() for p in self.rejected],
+            "forks": self.forks,
         }
 
 
@@ -243,6 +246,8 @@ def import_events(
     rel = layout.relative
     budget = max_events if max_events is not None else -1
     manifests = sorted(layout.nodes_dir.glob("*.json")) if layout.nodes_dir.is_dir() else []
+    keyring = Keyring(layout.ledger_dir, layout.state_dir / "trust_pins.json")
+    forks: list[tuple[str, Envelope, Path]] = []
     for manifest_path in manifests:
         node = manifest_path.stem
         if node == mesh.node_id or budget == 0:
@@ -255,6 +260,11 @@ def import_events(
         have = heads.get(node, {"seq": 0, "event_id": None})
         if manifest.get("head", {}).get("seq", 0) <= have["seq"]:
             continue  # nothing new: no file of this node is read
+        try:
+            key = keyring.start(node, manifest, have["seq"])
+        except BadInput as exc:
+            report.rejected.append(Problem(rel(manifest_path), exc.message))
+            continue
         candidates: dict[int, list[Envelope]] = {}
         for path in event_files(layout.outbox_dir(node), bucket_of(have["seq"] + 1)):
             if EVENT_ID_RE.fullmatch(path.stem) and mesh.log.contains(path.stem):
@@ -267,10 +277,9 @@ def import_events(
                 continue
             if env["seq"] <= have["seq"]:
                 report.rejected.append(
-                    Problem(
-                        rel(path), f"fork: {node} seq {env['seq']} is already another event here"
-                    )
+                    Problem(rel(path), f"fork: {node} seq {env['seq']} is already another event")
                 )
+                forks.append((node, env, path))
                 continue
             candidates.setdefault(env["seq"], []).append(env)
         chain: list[Envelope] = []
@@ -290,7 +299,13 @@ def import_events(
                     )
             if nxt is None:
                 break
+            try:
+                next_key = keyring.check(nxt, key)
+            except BadInput as exc:
+                report.rejected.append(Problem(rel(event_path(layout, nxt)), exc.message))
+                break
             chain.append(nxt)
+            key = next_key
             seq, prev = nxt["seq"], nxt["event_id"]
         report.waiting += sum(len(v) for v in candidates.values())
         if chain:
@@ -301,9 +316,15 @@ def import_events(
             report.imported += count
             report.nodes[node] = count
             progress(count)
+            if not refused:
+                keyring.accepted(node, chain[-1]["seq"], key)
             if budget > 0:
                 budget -= count
-    rejected = {"rejected": [p.as_dict() for p in report.rejected]}
+    keyring.save()
+    if forks:
+        _record_forks(mesh, forks)
+    report.forks = len(forks)
+    rejected = {"rejected": [p.as_dict() for p in report.rejected], "forks": len(forks)}
     rejected_file = layout.state_dir / "import_rejected.json"
     if rejected["rejected"] or rejected_file.exists():
         try:
@@ -313,6 +334,25 @@ def import_events(
         if not unchanged:
             atomic_write_json(rejected_file, rejected)
     return report
+
+
+def _record_forks(mesh: Mesh, forks: list[tuple[str, Envelope, Path]]) -> None:
+    """One `mesh.trust.fork_detected` event per refused fork (deduplicated by its id)."""
+    mesh.publish_many(
+        {
+            "topic": "mesh",
+            "event_type": "trust.fork_detected",
+            "source": "import",
+            "payload": {
+                "node_id": node,
+                "seq": env["seq"],
+                "refused": env["event_id"],
+                "path": mesh.layout.relative(path),
+            },
+            "idempotency_key": f"fork:{node}:{env['seq']}:{env['event_id']}",
+        }
+        for node, env, path in forks
+    )
 
 
 # --- verify ----------------------------------------------------------------------------
@@ -368,12 +408,27 @@ def verify_ledger(layout: Layout, changed: dict[str, str] | None = None) -> Veri
                     )
             elif Path(path).parent == nodes_dir and path.endswith(".json"):
                 nodes.add(Path(path).stem)
+    policy_error = None
+    try:
+        keyring = Keyring(layout.ledger_dir, None)
+    except BadInput as exc:
+        policy_error = exc.message
+        report.problems.append(Problem(rel(layout.ledger_dir / "trust.json"), exc.message))
     for node in sorted(nodes):
         report.nodes += 1
         node_dir = outbox / node
         if node_dir.is_symlink() or (node_dir.exists() and not node_dir.is_dir()):
             report.problems.append(Problem(rel(node_dir), "is not a plain folder"))
             continue
+        manifest_path = layout.manifest_file(node)
+        manifest: dict[str, Any] | None = None
+        try:
+            manifest = read_manifest(manifest_path)
+        except FileNotFoundError:
+            report.problems.append(Problem(rel(manifest_path), "missing manifest"))
+        except (BadInput, OSError) as exc:
+            reason = exc.message if isinstance(exc, BadInput) else str(exc)
+            report.problems.append(Problem(rel(manifest_path), reason))
         by_seq: dict[int, Envelope] = {}
         for file in event_files(node_dir):
             report.checked += 1
@@ -392,6 +447,12 @@ def verify_ledger(layout: Layout, changed: dict[str, str] | None = None) -> Veri
                 )
                 continue
             by_seq[env["seq"]] = env
+        key: str | None = None
+        if manifest is not None and policy_error is None:
+            try:
+                key = keyring.start(node, manifest, 0)
+            except BadInput as exc:
+                report.problems.append(Problem(rel(manifest_path), exc.message))
         prev = None
         for seq in range(1, max(by_seq, default=0) + 1):
             found = by_seq.get(seq)
@@ -403,16 +464,13 @@ def verify_ledger(layout: Layout, changed: dict[str, str] | None = None) -> Veri
                 report.problems.append(
                     Problem(rel(event_path(layout, found)), f"prev does not match seq {seq - 1}")
                 )
+            if key is not None:
+                try:
+                    key = keyring.check(found, key)
+                except BadInput as exc:
+                    report.problems.append(Problem(rel(event_path(layout, found)), exc.message))
             prev = found["event_id"]
-        manifest_path = layout.manifest_file(node)
-        if not manifest_path.exists():
-            report.problems.append(Problem(rel(manifest_path), "missing manifest"))
-            continue
-        try:
-            manifest = read_manifest(manifest_path)
-        except (BadInput, OSError) as exc:
-            reason = exc.message if isinstance(exc, BadInput) else str(exc)
-            report.problems.append(Problem(rel(manifest_path), reason))
+        if manifest is None:
             continue
         head = manifest.get("head", {})
         top = max(by_seq, default=0)

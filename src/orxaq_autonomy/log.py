@@ -24,7 +24,7 @@ import gc
 import itertools
 import os
 import sqlite3
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -279,7 +279,11 @@ class EventLog:
     # --- appending --------------------------------------------------------------------
 
     def append(
-        self, drafts: Iterable[Draft], node_id: str, keep_envelopes: bool = True
+        self,
+        drafts: Iterable[Draft],
+        node_id: str,
+        keep_envelopes: bool = True,
+        signer: Callable[[str], str] | None = None,
     ) -> list[Appended]:
         """Seal and append `drafts` as `node_id`'s next events: all of them, or none.
 
@@ -291,13 +295,17 @@ class EventLog:
         gc.disable()  # a batch allocates ~10 objects per event and frees none until the end
         try:
             with self._locked():
-                return self._append_locked(drafts, node_id, keep_envelopes)
+                return self._append_locked(drafts, node_id, keep_envelopes, signer)
         finally:
             if gc_was_enabled:
                 gc.enable()
 
     def _append_locked(
-        self, drafts: Iterable[Draft], node_id: str, keep_envelopes: bool
+        self,
+        drafts: Iterable[Draft],
+        node_id: str,
+        keep_envelopes: bool,
+        signer: Callable[[str], str] | None,
     ) -> list[Appended]:
         tail = self._recover()
         db = self.db
@@ -326,7 +334,13 @@ class EventLog:
                 seq += 1
                 clock += 1
                 env, line = seal(
-                    draft, node_id=node_id, seq=seq, prev=prev, clock=clock, timestamp=timestamp
+                    draft,
+                    node_id=node_id,
+                    seq=seq,
+                    prev=prev,
+                    clock=clock,
+                    timestamp=timestamp,
+                    signer=signer,
                 )
                 prev = env["event_id"]
                 appended += 1

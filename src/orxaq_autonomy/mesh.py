@@ -13,7 +13,7 @@ import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .envelope import (
     EVENT_ID_RE,
@@ -30,6 +30,9 @@ from .node import Identity, InitResult, init_node, load_identity
 from .paths import Layout, resolve_layout
 from .patterns import compile_pattern
 
+if TYPE_CHECKING:
+    from .trust import Signer
+
 
 class Mesh:
     """A node's view of the mesh: its identity, its log and the ledger folder."""
@@ -40,6 +43,7 @@ class Mesh:
         self.log = EventLog(
             layout.log_file, layout.index_file, layout.log_lock, layout.quarantine_dir
         )
+        self._signer: Signer | None = None
 
     @classmethod
     def open(
@@ -110,7 +114,16 @@ class Mesh:
     def publish_drafts(
         self, drafts: Iterable[Draft], keep_envelopes: bool = True
     ) -> list[Appended]:
-        return self.log.append(drafts, self.node_id, keep_envelopes)
+        return self.log.append(drafts, self.node_id, keep_envelopes, self.signer)
+
+    @property
+    def signer(self) -> Signer:
+        """Signs this node's events with its private key (loaded on first use)."""
+        if self._signer is None:
+            from .trust import Signer
+
+            self._signer = Signer(self.layout.private_key_file)
+        return self._signer
 
     def _causation(self, ref: Any) -> Any:
         """A full id is taken as given (its event may not be imported yet); a prefix must

@@ -94,13 +94,18 @@ def public_key_text(layout: Layout) -> str:
 
 
 def _render_manifest(
-    identity: Identity, public_key: str, head: dict[str, Any], lanes: list[Any]
+    identity: Identity,
+    public_key: str,
+    head: dict[str, Any],
+    lanes: list[Any],
+    keys: list[Any],
 ) -> dict[str, Any]:
     return {
         "node_id": identity.node_id,
         "capabilities": list(identity.capabilities),
         "lanes": lanes,
         "public_key": public_key,
+        "keys": keys,  # every key this node has signed with, from the seq it took over
         "head": head,
     }
 
@@ -168,11 +173,13 @@ def _init_locked(
     manifest_path = layout.manifest_file(identity.node_id)
     head: dict[str, Any] = {"seq": 0}
     lanes: list[Any] = []
+    keys: list[Any] = [{"public_key": public_key, "from_seq": 1}]
     if manifest_path.exists():
         existing = read_json(manifest_path)
         head = existing.get("head", head)
         lanes = existing.get("lanes", lanes)
-    manifest = _render_manifest(identity, public_key, head, lanes)
+        keys = existing.get("keys", keys)
+    manifest = _render_manifest(identity, public_key, head, lanes, keys)
     rendered = dump_json_pretty(manifest)
     if not manifest_path.exists():
         atomic_write_bytes(manifest_path, rendered)
