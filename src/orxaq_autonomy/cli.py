@@ -630,6 +630,17 @@ def mesh_verify(
     _exit_partial(data["problems"])
 
 
+@app.command("mesh-rotate-key")
+def mesh_rotate_key(as_json: JsonOpt = False) -> None:
+    """Switch this node to a new Ed25519 key, announced by an event signed with the old one."""
+    result = _open().rotate_key()
+    human = (
+        f"rotated: {result['previous_key']} -> {result['public_key']} "
+        f"(announced by {result['event_id'][:16]}, seq {result['seq']}); sync to publish it"
+    )
+    _emit(as_json, result, human)
+
+
 # --- entry point ---------------------------------------------------------------------------
 
 

@@ -283,7 +283,7 @@ class EventLog:
         drafts: Iterable[Draft],
         node_id: str,
         keep_envelopes: bool = True,
-        signer: Callable[[str], str] | None = None,
+        signer: Callable[[], Callable[[str], str]] | None = None,
     ) -> list[Appended]:
         """Seal and append `drafts` as `node_id`'s next events: all of them, or none.
 
@@ -305,9 +305,10 @@ class EventLog:
         drafts: Iterable[Draft],
         node_id: str,
         keep_envelopes: bool,
-        signer: Callable[[str], str] | None,
+        signer_factory: Callable[[], Callable[[str], str]] | None,
     ) -> list[Appended]:
         tail = self._recover()
+        signer = signer_factory() if signer_factory is not None else None
         db = self.db
         row = db.execute(
             "SELECT last_seq, last_id FROM nodes WHERE node = ?", (node_id,)

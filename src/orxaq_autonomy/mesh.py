@@ -44,6 +44,7 @@ class Mesh:
             layout.log_file, layout.index_file, layout.log_lock, layout.quarantine_dir
         )
         self._signer: Signer | None = None
+        self._signer_stamp: tuple[int, int] | None = None
 
     @classmethod
     def open(
@@ -109,21 +110,32 @@ class Mesh:
                 except BadInput as exc:
                     raise BadInput(f"item {number}: {exc.message}") from None
 
-        return self.log.append(drafts(), self.node_id, keep_envelopes=False)
+        return self.publish_drafts(drafts(), keep_envelopes=False)
 
     def publish_drafts(
         self, drafts: Iterable[Draft], keep_envelopes: bool = True
     ) -> list[Appended]:
-        return self.log.append(drafts, self.node_id, keep_envelopes, self.signer)
+        return self.log.append(drafts, self.node_id, keep_envelopes, self.current_signer)
 
-    @property
-    def signer(self) -> Signer:
-        """Signs this node's events with its private key (loaded on first use)."""
-        if self._signer is None:
-            from .trust import Signer
+    def current_signer(self) -> Signer:
+        """The signer for this node's next events. Called under the log lock, so a key
+        rotated by another process is picked up before anything is signed."""
+        from .trust import Signer, finish_rotation
 
-            self._signer = Signer(self.layout.private_key_file)
+        key_file = self.layout.private_key_file
+        if key_file.with_name(key_file.name + ".next").exists():
+            finish_rotation(self)
+        stamp = key_file.stat()
+        if self._signer is None or self._signer_stamp != (stamp.st_ino, stamp.st_mtime_ns):
+            self._signer = Signer(key_file)
+            self._signer_stamp = (stamp.st_ino, stamp.st_mtime_ns)
         return self._signer
+
+    def rotate_key(self) -> dict[str, Any]:
+        """A new key pair; the switch is announced by an event signed with the old key."""
+        from .trust import rotate_key
+
+        return rotate_key(self)
 
     def _causation(self, ref: Any) -> Any:
         """A full id is taken as given (its event may not be imported yet); a prefix must
@@ -241,6 +253,7 @@ class Mesh:
                 "dir": str(self.layout.quarantine_dir),
             },
             "import_rejected": self._count("import_rejected.json", "rejected"),
+            "forks": int(self._read_state("import_rejected.json").get("forks", 0)),
             "last_sync": self._read_state("sync.json") or None,
         }
 

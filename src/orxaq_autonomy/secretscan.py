@@ -61,10 +61,10 @@ _SHAPES: tuple[tuple[tuple[str, ...], int, str], ...] = (
     (("sk-",), 0, _NOT_AFTER_TOKEN + r"sk-(?:proj-|ant-[a-z0-9]+-)?[A-Za-z0-9_-]{32,}"),
     (("npm_",), 0, _NOT_AFTER_TOKEN + r"npm_[A-Za-z0-9]{36}"),
     (("pypi-AgE",), 0, r"pypi-AgE[A-Za-z0-9_-]{50,}"),
-    (("SG.",), 0, r"SG\.[A-Za-z0-9_-]{22}\.[A-Za-z0-9_-]{43}"),
+    (("SG.",), 0, r"SG\.[A-Za-z0-9_-]{16,32}\.[A-Za-z0-9_-]{32,64}"),
     (("-----BEGIN ",), 0, r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY"),
     (("eyJ",), 0, r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),
-    (("://",), 0, r"://[^/\s:@]+:[^/\s@]{3,}@"),  # a URL with a password
+    (("://",), 0, r"://[^/\s:@]*:[^/\s@]{3,}@"),  # a URL with a password
     (("Bearer ", "Basic "), 0, r"(?:Bearer|Basic) +[A-Za-z0-9._~+/=-]{20,}"),
 )
 _ANCHOR_RE = re.compile("|".join(re.escape(a) for anchors, _, _ in _SHAPES for a in anchors))

@@ -15,12 +15,15 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .envelope import Envelope
 from .errors import BadInput
 from .fsutil import atomic_write_json, read_json
 from .node import b64url, b64url_decode
+
+if TYPE_CHECKING:
+    from .mesh import Mesh
 
 ROTATION = ("mesh", "trust.key_rotated")
 
@@ -168,3 +171,62 @@ class Keyring:
         if self._dirty and self.pins_file is not None:
             atomic_write_json(self.pins_file, {"nodes": self.pins})
             self._dirty = False
+
+
+# --- key rotation ------------------------------------------------------------------------
+
+
+def _next_file(mesh: Mesh) -> Path:
+    key_file = mesh.layout.private_key_file
+    return key_file.with_name(key_file.name + ".next")
+
+
+def rotate_key(mesh: Mesh) -> dict[str, Any]:
+    """Make a new key pair and switch to it. Under the log lock: the rotation event (signed
+    with the old key, naming the new one) is the old key's last event, and nothing can be
+    signed in between. A crash before the switch is finished on the next publish."""
+    import os
+
+    from .fsutil import atomic_write_bytes
+
+    with mesh.log._locked():
+        nxt = _next_file(mesh)
+        if not nxt.exists():
+            atomic_write_bytes(nxt, f"ed25519:{b64url(os.urandom(32))}\n".encode(), mode=0o600)
+        new = Signer(nxt)
+        old = mesh.current_signer()
+        result = mesh.publish(
+            ROTATION[0],
+            ROTATION[1],
+            {"public_key": new.public_key, "previous_key": old.public_key},
+            source="mesh-rotate-key",
+            idempotency_key="rotate:" + new.public_key,
+        )
+        finish_rotation(mesh)
+    return {
+        "event_id": result.event_id,
+        "seq": result.seq,
+        "public_key": new.public_key,
+        "previous_key": old.public_key,
+    }
+
+
+def finish_rotation(mesh: Mesh) -> None:
+    """Swap in the next key once its rotation event is in the log; drop it otherwise."""
+    import os
+
+    from .fsutil import fsync_dir
+    from .node import update_manifest
+
+    nxt = _next_file(mesh)
+    new = Signer(nxt)
+    done = mesh.log.idempotent_hit(mesh.node_id, ("", "rotate:" + new.public_key))
+    if done is None:
+        return  # the rotation event was never written: rotate_key will use this key
+    key_file = mesh.layout.private_key_file
+    os.replace(nxt, key_file)
+    fsync_dir(key_file.parent)
+    manifest = mesh.manifests().get(mesh.node_id, {})
+    keys = [k for k in manifest.get("keys", []) if k.get("public_key") != new.public_key]
+    keys.append({"public_key": new.public_key, "from_seq": done.seq + 1})
+    update_manifest(mesh.layout, mesh.node_id, public_key=new.public_key, keys=keys)
