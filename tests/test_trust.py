@@ -240,3 +240,20 @@ def test_the_private_key_never_reaches_git(fleet: tuple[Path, Path, Path]) -> No
         sha = line.split()[0]
         if git(a, "cat-file", "-t", sha).strip() == "blob":
             assert seed not in git(a, "cat-file", "-p", sha)
+
+
+def test_a_symlinked_node_folder_is_refused(fleet: tuple[Path, Path, Path], cli: Runner) -> None:
+    _, a, b = fleet
+    with Mesh.open(a) as mesh:
+        mesh.publish("ci", "x", {})
+    sync(a)
+    git(b, "pull", "-q", "--rebase", "origin", "main")
+    real = b / LEDGER / "outbox/node-a"
+    moved = b / "elsewhere"
+    real.rename(moved)
+    real.symlink_to(moved, target_is_directory=True)
+    result = cli("--root", str(b), "mesh-import", "--json")
+    assert result.code == 3 and "symlink" in result.json()["rejected"][0]["reason"]
+    assert result.json()["imported"] == 0
+    verify = cli("--root", str(b), "mesh-verify", "--json")
+    assert verify.code == 3 and "not a plain folder" in str(verify.json()["problems"])

@@ -265,6 +265,12 @@ def import_events(
         except BadInput as exc:
             report.rejected.append(Problem(rel(manifest_path), exc.message))
             continue
+        node_dir = layout.outbox_dir(node)
+        if node_dir.is_symlink() or not node_dir.resolve().is_relative_to(
+            layout.outbox_root.resolve()
+        ):
+            report.rejected.append(Problem(rel(node_dir), "is a symlink or leaves the outbox"))
+            continue
         candidates: dict[int, list[Envelope]] = {}
         for path in event_files(layout.outbox_dir(node), bucket_of(have["seq"] + 1)):
             if EVENT_ID_RE.fullmatch(path.stem) and mesh.log.contains(path.stem):
