@@ -154,6 +154,18 @@ class EventLog:
             self._db = db
         return self._db
 
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """BEGIN IMMEDIATE ... COMMIT, rolled back on any error."""
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            yield db
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+
     def close(self) -> None:
         if self._db is not None:
             self._db.close()
@@ -253,8 +265,7 @@ class EventLog:
             last_offset, last_id = offset, env["event_id"]
         db = self.db
         tail = self._tail()
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             db.execute("DELETE FROM events")
             db.execute("DELETE FROM nodes")
             db.execute("DELETE FROM idempotency")
@@ -270,10 +281,6 @@ class EventLog:
             )
             if good_size < size:
                 self._quarantine_from(good_size, size)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return self._tail()
 
     # --- appending --------------------------------------------------------------------
@@ -356,8 +363,7 @@ class EventLog:
         if not appended:
             return results
         self._write(buffer, tail.log_size)
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             db.executemany("INSERT INTO idempotency VALUES (?,?,?,?,?)", idem_rows)
             db.execute("INSERT OR REPLACE INTO nodes VALUES (?,?,?)", (node_id, seq, prev))
             db.execute(
@@ -365,10 +371,6 @@ class EventLog:
                 "count=count+?",
                 (offset, last_offset, prev, clock, appended),
             )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
         return results
 
     def _idempotent_hits(
@@ -429,8 +431,7 @@ class EventLog:
                 return refused
             self._write(buffer, tail.log_size)
             count = buffer.count(b"\n")
-            db.execute("BEGIN IMMEDIATE")
-            try:
+            with self._transaction():
                 db.executemany("INSERT OR IGNORE INTO idempotency VALUES (?,?,?,?,?)", idem_rows)
                 # Imports already pay for verification; when the id index is current, keep
                 # it current here rather than have the next lookup read these lines again.
@@ -446,10 +447,6 @@ class EventLog:
                     "count=count+?",
                     (offset, last_offset, last_id, clock, count),
                 )
-                db.execute("COMMIT")
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
         return refused
 
     def idempotent_hit(self, node_id: str, key: tuple[str, str]) -> Appended | None:
@@ -552,15 +549,10 @@ class EventLog:
         if start == end:
             return
         db = self.db
-        db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             if db.execute("SELECT indexed_size FROM tail").fetchone()[0] == start:
                 db.executemany("INSERT OR IGNORE INTO events VALUES (?,?,?)", rows)
                 db.execute("UPDATE tail SET indexed_size = ?", (end,))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     def _index_up_to_date(self) -> None:
         self._store_index(*self._pending_index())
