@@ -60,7 +60,7 @@ run node-c mesh-trace "$route"
 say "a CI job verifies the ledger on a fresh clone (no mesh-init needed)"
 quiet clone -b main "$demo/remote.git" "$demo/ci"
 run ci mesh-verify
-git -C "$demo/ci" log --format='  %h %s' | head -4
+git -C "$demo/ci" log -4 --format='  %h %s'
 
 say "bad input is refused with one line and exit 2; nothing is written"
 run node-a mesh-publish --topic ci --event-type oops --payload-json '{"password": "hunter2"}' \
