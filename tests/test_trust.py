@@ -257,3 +257,42 @@ def test_a_symlinked_node_folder_is_refused(fleet: tuple[Path, Path, Path], cli:
     assert result.json()["imported"] == 0
     verify = cli("--root", str(b), "mesh-verify", "--json")
     assert verify.code == 3 and "not a plain folder" in str(verify.json()["problems"])
+
+
+def test_sync_reports_rejections_with_exit_3_and_still_pushes(
+    tmp_path: Path, fleet: tuple[Path, Path, Path]
+) -> None:
+    remote, a, b = fleet
+    with Mesh.open(a) as mesh:
+        mesh.publish("ci", "x", {})
+        signer = mesh.current_signer()
+    sync(a)
+    git(b, "pull", "-q", "--rebase", "origin", "main")
+    # a correctly signed event whose payload holds a secret, committed by someone
+    first = orjson.loads(files_of(b, "node-a")[0].read_bytes())
+    leaky = {
+        **first,
+        "seq": 2,
+        "prev": first["event_id"],
+        "clock": first["clock"] + 1,
+        "payload": {"note": "AKIAIOSFODNN7EXAMPLE"},
+    }
+    leaky.pop("sig")
+    leaky["event_id"] = compute_event_id(leaky)
+    leaky["sig"] = signer(leaky["event_id"])
+    folder = files_of(b, "node-a")[0].parent
+    (folder / f"{leaky['event_id']}.json").write_bytes(orjson.dumps(leaky))
+    git(b, "add", "-A")
+    git(b, "commit", "-q", "-m", "leak")
+    git(b, "push", "-q", "origin", "HEAD:main")
+    with Mesh.open(b) as mesh:
+        mesh.publish("ci", "from-b", {})
+    result = sync(b)
+    assert result.code == 3
+    data = result.json()
+    assert data["pushed"] is True and data["exported"] == 1
+    assert "looks like a credential" in data["rejected"][0]["reason"]
+    checkout = tmp_path / "checkout"
+    git(tmp_path, "clone", "-q", "-b", "main", str(remote), str(checkout))
+    verify = run_process("--root", str(checkout), "mesh-verify", "--json")
+    assert verify.code == 3 and "credential" in str(verify.json()["problems"])
