@@ -250,7 +250,9 @@ class Syncer:
             pass
         node = self.mesh.node_id
         if first is not None and last is not None:
-            message = f"mesh: {node} exported seq {first}-{last} ({last - first + 1} events)"
+            count = last - first + 1
+            span = f"seq {first}" if count == 1 else f"seq {first}-{last}"
+            message = f"mesh: {node} exported {span} ({count} event{'s' * (count != 1)})"
         else:
             message = f"mesh: {node} manifest"
         env = {}
