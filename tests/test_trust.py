@@ -296,3 +296,38 @@ def test_sync_reports_rejections_with_exit_3_and_still_pushes(
     git(tmp_path, "clone", "-q", "-b", "main", str(remote), str(checkout))
     verify = run_process("--root", str(checkout), "mesh-verify", "--json")
     assert verify.code == 3 and "credential" in str(verify.json()["problems"])
+
+
+def test_verify_since_checks_only_new_events_from_the_base_head(
+    tmp_path: Path, fleet: tuple[Path, Path, Path]
+) -> None:
+    remote, a, _ = fleet
+    with Mesh.open(a) as mesh:
+        mesh.publish_many([{"topic": "ci", "event_type": "x"}] * 3)
+    sync(a)
+    base = git(a, "rev-parse", "HEAD").strip()
+    with Mesh.open(a) as mesh:
+        mesh.publish_many([{"topic": "ci", "event_type": "y"}] * 2)
+        signer = mesh.current_signer()
+    sync(a)
+    checkout = tmp_path / "checkout"
+    git(tmp_path, "clone", "-q", "-b", "main", str(remote), str(checkout))
+    clean = run_process("--root", str(checkout), "mesh-verify", "--since", base, "--json")
+    assert clean.code == 0 and clean.json()["checked"] == 2  # the 3 older files are not read
+    # a signed event that skips a link: prev points at seq 3, not seq 5
+    files = files_of(checkout, "node-a")
+    third, fifth = (orjson.loads(files[i].read_bytes()) for i in (2, 4))
+    bad = {**fifth, "seq": 6, "prev": third["event_id"], "clock": fifth["clock"] + 1}
+    bad.pop("sig")
+    bad["event_id"] = compute_event_id(bad)
+    bad["sig"] = signer(bad["event_id"])
+    (files[4].parent / f"{bad['event_id']}.json").write_bytes(orjson.dumps(bad))
+    manifest_path = checkout / LEDGER / "nodes/node-a.json"
+    manifest = orjson.loads(manifest_path.read_bytes())
+    manifest["head"] = {"seq": 6, "event_id": bad["event_id"]}
+    manifest_path.write_bytes(orjson.dumps(manifest))
+    git(checkout, "add", "-A")
+    git(checkout, "-c", "user.name=x", "-c", "user.email=x@x", "commit", "-q", "-m", "pr")
+    flagged = run_process("--root", str(checkout), "mesh-verify", "--since", base, "--json")
+    assert flagged.code == 3
+    assert "prev does not match seq 5" in str(flagged.json()["problems"])

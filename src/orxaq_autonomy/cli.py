@@ -616,12 +616,12 @@ def mesh_verify(
     layout = resolve_layout(_globals.root)
     if not layout.ledger_dir.is_dir():
         _bad(f"no ledger at {layout.ledger_dir}")
-    changed = None
+    changed, base = None, None
     if since is not None:
         from .sync import changed_since
 
-        changed = changed_since(layout.root, layout.ledger_dir, since)
-    report = verify_ledger(layout, changed)
+        changed, base = changed_since(layout.root, layout.ledger_dir, since)
+    report = verify_ledger(layout, changed, base)
     human = f"checked {report.checked} files of {report.nodes} nodes: " + (
         "ok" if report.ok else f"{len(report.problems)} problems"
     )

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -383,14 +383,20 @@ class VerifyReport:
         }
 
 
-def verify_ledger(layout: Layout, changed: dict[str, str] | None = None) -> VerifyReport:
+def verify_ledger(
+    layout: Layout,
+    changed: dict[str, str] | None = None,
+    base_manifest: Callable[[str], dict[str, Any] | None] | None = None,
+) -> VerifyReport:
     """Check every file of the ledger: it parses, its id matches its content, it is in its
     node's folder, holds no secret, and each node's chain is whole (seq 1..N, prev links)
     and matches its manifest's head.
 
     `changed` (from `--since REV`: path relative to the root -> git status letter) limits
-    the check to the nodes those paths touch, and refuses event files that were modified or
-    deleted: published events are immutable."""
+    the check to the files those paths name, and refuses event files that were modified or
+    deleted: published events are immutable. `base_manifest(node)` (the manifest at REV)
+    says where each node's chain stood, so its new events are checked for continuity and
+    signatures from there without reading the files that were already there."""
     report = VerifyReport()
     rel = layout.relative
     outbox = layout.outbox_root
@@ -435,8 +441,20 @@ def verify_ledger(layout: Layout, changed: dict[str, str] | None = None) -> Veri
         except (BadInput, OSError) as exc:
             reason = exc.message if isinstance(exc, BadInput) else str(exc)
             report.problems.append(Problem(rel(manifest_path), reason))
+        base = base_manifest(node) if changed is not None and base_manifest else None
+        start_seq = int(base.get("head", {}).get("seq", 0)) if base else 0
+        start_id = base.get("head", {}).get("event_id") if base else None
+        if changed is None:
+            files: Iterable[Path] = event_files(node_dir)
+        else:
+            mine = rel(node_dir) + "/"
+            files = [
+                layout.root / path
+                for path, status in sorted(changed.items())
+                if path.startswith(mine) and path.endswith(".json") and status[0] in "AM"
+            ]
         by_seq: dict[int, Envelope] = {}
-        for file in event_files(node_dir):
+        for file in files:
             report.checked += 1
             try:
                 env = read_event_file(file, node)
@@ -444,6 +462,8 @@ def verify_ledger(layout: Layout, changed: dict[str, str] | None = None) -> Veri
                 reason = exc.message if isinstance(exc, BadInput) else str(exc)
                 report.problems.append(Problem(rel(file), reason))
                 continue
+            if env["seq"] <= start_seq:
+                continue  # an old seq rewritten: flagged as modified above
             if env["seq"] in by_seq:
                 report.problems.append(
                     Problem(
@@ -454,13 +474,14 @@ def verify_ledger(layout: Layout, changed: dict[str, str] | None = None) -> Veri
                 continue
             by_seq[env["seq"]] = env
         key: str | None = None
-        if manifest is not None and policy_error is None:
+        trusted = base or manifest
+        if trusted is not None and policy_error is None:
             try:
-                key = keyring.start(node, manifest, 0)
+                key = keyring.start(node, trusted, start_seq)
             except BadInput as exc:
                 report.problems.append(Problem(rel(manifest_path), exc.message))
-        prev = None
-        for seq in range(1, max(by_seq, default=0) + 1):
+        prev = start_id
+        for seq in range(start_seq + 1, max(by_seq, default=start_seq) + 1):
             found = by_seq.get(seq)
             if found is None:
                 report.problems.append(Problem(rel(node_dir), f"seq {seq} is missing"))
@@ -479,8 +500,9 @@ def verify_ledger(layout: Layout, changed: dict[str, str] | None = None) -> Veri
         if manifest is None:
             continue
         head = manifest.get("head", {})
-        top = max(by_seq, default=0)
-        if head.get("seq", 0) != top or (top and head.get("event_id") != by_seq[top]["event_id"]):
+        top = max(by_seq, default=start_seq)
+        top_id = by_seq[top]["event_id"] if top in by_seq else start_id
+        if head.get("seq", 0) != top or (top and head.get("event_id") != top_id):
             report.problems.append(
                 Problem(
                     rel(manifest_path),

@@ -13,9 +13,12 @@ from __future__ import annotations
 import contextlib
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import orjson
 
 from .envelope import now_timestamp
 from .errors import BadInput, OperationFailed
@@ -311,8 +314,11 @@ class Syncer:
         return int(repo.git.rev_list("--count", f"{ref}..HEAD"))
 
 
-def changed_since(root: Path, ledger_dir: Path, rev: str) -> dict[str, str]:
-    """Ledger paths (relative to `root`) changed since `rev`, with their git status letter."""
+def changed_since(
+    root: Path, ledger_dir: Path, rev: str
+) -> tuple[dict[str, str], Callable[[str], dict[str, Any] | None]]:
+    """Ledger paths (relative to `root`) changed since `rev`, with their git status letter,
+    and a reader of a node's manifest as it was at `rev` (None if it had none)."""
     from git import GitCommandError
 
     repo = _open_repo(root)
@@ -336,7 +342,16 @@ def changed_since(root: Path, ledger_dir: Path, rev: str) -> dict[str, str]:
     for line in out.splitlines():
         status, _, path = line.partition("\t")
         changed[(top / path).relative_to(root).as_posix()] = status
-    return changed
+    nodes_dir = (ledger_dir / "nodes").resolve().relative_to(top).as_posix()
+
+    def base_manifest(node: str) -> dict[str, Any] | None:
+        try:
+            data = orjson.loads(repo.git.show(f"{commit}:{nodes_dir}/{node}.json"))
+        except (GitCommandError, orjson.JSONDecodeError):
+            return None
+        return data if isinstance(data, dict) else None
+
+    return changed, base_manifest
 
 
 def _one_line(exc: Exception) -> str:
