@@ -44,6 +44,14 @@ def rewrite(path: Path, env: dict[str, Any]) -> None:
     target.write_bytes(orjson.dumps(env, option=orjson.OPT_INDENT_2) + b"\n")
 
 
+def resigned(env: dict[str, Any], sign: Any, **changes: Any) -> dict[str, Any]:
+    """`env` with `changes`, a recomputed id and a signature by `sign`."""
+    out = {k: v for k, v in {**env, **changes}.items() if k != "sig"}
+    out["event_id"] = compute_event_id(out)
+    out["sig"] = sign(out["event_id"])
+    return out
+
+
 def stranger(tmp_path: Path) -> Signer:
     key = tmp_path / "stranger.key"
     key.write_text("ed25519:" + b64url(os.urandom(32)))
@@ -139,16 +147,9 @@ def test_a_new_key_without_rotation_is_refused_after_first_use(
     manifest_path = b / LEDGER / "nodes/node-a.json"
     manifest = orjson.loads(manifest_path.read_bytes())
     first = orjson.loads(files_of(b, "node-a")[0].read_bytes())
-    forged = {
-        **first,
-        "seq": 2,
-        "prev": first["event_id"],
-        "clock": first["clock"] + 1,
-        "payload": {"i": 2},
-    }
-    forged.pop("sig")
-    forged["event_id"] = compute_event_id(forged)
-    forged["sig"] = evil(forged["event_id"])
+    forged = resigned(
+        first, evil, seq=2, prev=first["event_id"], clock=first["clock"] + 1, payload={"i": 2}
+    )
     folder = files_of(b, "node-a")[0].parent
     (folder / f"{forged['event_id']}.json").write_bytes(orjson.dumps(forged))
     manifest.update(
@@ -172,10 +173,7 @@ def test_forks_are_refused_recorded_and_shown(fleet: tuple[Path, Path, Path], cl
     sync(b)
     # node-a's key signs a second, different seq 1 (a node restored from an old backup)
     first = orjson.loads(files_of(b, "node-a")[0].read_bytes())
-    other = {**first, "payload": {"i": "fork"}}
-    other.pop("sig")
-    other["event_id"] = compute_event_id(other)
-    other["sig"] = signer(other["event_id"])
+    other = resigned(first, signer, payload={"i": "fork"})
     folder = files_of(b, "node-a")[0].parent
     (folder / f"{other['event_id']}.json").write_bytes(orjson.dumps(other))
     manifest_path = b / LEDGER / "nodes/node-a.json"
@@ -270,16 +268,14 @@ def test_sync_reports_rejections_with_exit_3_and_still_pushes(
     git(b, "pull", "-q", "--rebase", "origin", "main")
     # a correctly signed event whose payload holds a secret, committed by someone
     first = orjson.loads(files_of(b, "node-a")[0].read_bytes())
-    leaky = {
-        **first,
-        "seq": 2,
-        "prev": first["event_id"],
-        "clock": first["clock"] + 1,
-        "payload": {"note": "AKIAIOSFODNN7EXAMPLE"},
-    }
-    leaky.pop("sig")
-    leaky["event_id"] = compute_event_id(leaky)
-    leaky["sig"] = signer(leaky["event_id"])
+    leaky = resigned(
+        first,
+        signer,
+        seq=2,
+        prev=first["event_id"],
+        clock=first["clock"] + 1,
+        payload={"note": "AKIAIOSFODNN7EXAMPLE"},
+    )
     folder = files_of(b, "node-a")[0].parent
     (folder / f"{leaky['event_id']}.json").write_bytes(orjson.dumps(leaky))
     git(b, "add", "-A")
@@ -317,10 +313,7 @@ def test_verify_since_checks_only_new_events_from_the_base_head(
     # a signed event that skips a link: prev points at seq 3, not seq 5
     files = files_of(checkout, "node-a")
     third, fifth = (orjson.loads(files[i].read_bytes()) for i in (2, 4))
-    bad = {**fifth, "seq": 6, "prev": third["event_id"], "clock": fifth["clock"] + 1}
-    bad.pop("sig")
-    bad["event_id"] = compute_event_id(bad)
-    bad["sig"] = signer(bad["event_id"])
+    bad = resigned(fifth, signer, seq=6, prev=third["event_id"], clock=fifth["clock"] + 1)
     (files[4].parent / f"{bad['event_id']}.json").write_bytes(orjson.dumps(bad))
     manifest_path = checkout / LEDGER / "nodes/node-a.json"
     manifest = orjson.loads(manifest_path.read_bytes())

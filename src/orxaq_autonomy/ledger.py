@@ -162,6 +162,10 @@ class Problem:
         return {"path": self.path, "reason": self.reason}
 
 
+def _reason(exc: Exception) -> str:
+    return exc.message if isinstance(exc, BadInput) else str(exc)
+
+
 def read_event_file(path: Path, folder_node: str) -> Envelope:
     """Parse and check one ledger file; BadInput names what is wrong with it."""
     if path.is_symlink():
@@ -278,8 +282,7 @@ def import_events(
             try:
                 env = read_event_file(path, node)
             except (BadInput, OSError) as exc:
-                reason = exc.message if isinstance(exc, BadInput) else str(exc)
-                report.rejected.append(Problem(rel(path), reason))
+                report.rejected.append(Problem(rel(path), _reason(exc)))
                 continue
             if env["seq"] <= have["seq"]:
                 report.rejected.append(
@@ -439,8 +442,7 @@ def verify_ledger(
         except FileNotFoundError:
             report.problems.append(Problem(rel(manifest_path), "missing manifest"))
         except (BadInput, OSError) as exc:
-            reason = exc.message if isinstance(exc, BadInput) else str(exc)
-            report.problems.append(Problem(rel(manifest_path), reason))
+            report.problems.append(Problem(rel(manifest_path), _reason(exc)))
         base = base_manifest(node) if changed is not None and base_manifest else None
         start_seq = int(base.get("head", {}).get("seq", 0)) if base else 0
         start_id = base.get("head", {}).get("event_id") if base else None
@@ -459,8 +461,7 @@ def verify_ledger(
             try:
                 env = read_event_file(file, node)
             except (BadInput, OSError) as exc:
-                reason = exc.message if isinstance(exc, BadInput) else str(exc)
-                report.problems.append(Problem(rel(file), reason))
+                report.problems.append(Problem(rel(file), _reason(exc)))
                 continue
             if env["seq"] <= start_seq:
                 continue  # an old seq rewritten: flagged as modified above
