@@ -116,37 +116,10 @@ def mesh_init(
 # --- mesh-publish --------------------------------------------------------------------------
 
 
-def _loads(raw: bytes) -> Any:
-    """orjson, except where the text holds a 20+ digit run: orjson turns integers beyond
-    64 bit into floats silently, so those inputs go through json with a range check."""
-    import re
-
-    import orjson
-
-    if re.search(rb"\d{20}", raw) is None:
-        return orjson.loads(raw)
-    import json
-
-    from .envelope import INT64_MAX, INT64_MIN
-
-    def checked(text: str) -> int:
-        value = int(text)
-        if not INT64_MIN <= value <= INT64_MAX:
-            raise ValueError(f"integer {text[:30]} is outside signed 64 bit")
-        return value
-
-    def no_constants(name: str) -> Any:
-        raise ValueError(f"{name} is not JSON")
-
-    try:
-        return json.loads(raw, parse_int=checked, parse_constant=no_constants)
-    except ValueError as exc:
-        raise orjson.JSONDecodeError(str(exc), raw.decode(errors="replace"), 0) from None
-
-
 def _read_payload(mesh: Mesh, payload_json: str | None, payload_file: str | None) -> Any:
     import orjson
 
+    from .envelope import loads_json
     from .paths import resolve_input_file
 
     if payload_json is not None and payload_file is not None:
@@ -165,7 +138,7 @@ def _read_payload(mesh: Mesh, payload_json: str | None, payload_file: str | None
     else:
         return {}
     try:
-        return _loads(raw)
+        return loads_json(raw)
     except orjson.JSONDecodeError as exc:
         _bad(f"invalid JSON in {where}: {exc}")
 
@@ -173,6 +146,8 @@ def _read_payload(mesh: Mesh, payload_json: str | None, payload_file: str | None
 def _read_batch(defaults: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Stdin lines as objects, lazily: the log validates and seals as it reads them."""
     import orjson
+
+    from .envelope import loads_json
 
     # Read everything before the log lock is taken: a slow producer must not block others.
     data = sys.stdin.buffer.read()
@@ -183,7 +158,7 @@ def _read_batch(defaults: dict[str, Any]) -> Iterator[dict[str, Any]]:
             if not line.strip():
                 continue
             try:
-                item = _loads(line)
+                item = loads_json(line)
             except orjson.JSONDecodeError as exc:
                 _bad(f"stdin line {number}: invalid JSON: {exc}")
             if not isinstance(item, dict):
@@ -639,6 +614,78 @@ def mesh_rotate_key(as_json: JsonOpt = False) -> None:
         f"(announced by {result['event_id'][:16]}, seq {result['seq']}); sync to publish it"
     )
     _emit(as_json, result, human)
+
+
+@app.command("mesh-serve")
+def mesh_serve(
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port (0: any free one).")] = 8787,
+    token_file: Annotated[
+        str | None,
+        typer.Option(
+            "--token-file",
+            help="File holding the bearer token (mode 600). Default: $ORXAQ_AUTONOMY_SERVE_TOKEN."
+            " Without a token, writes are refused.",
+            show_default=False,
+        ),
+    ] = None,
+    rate_limit: Annotated[
+        float, typer.Option("--rate-limit", help="Requests per second per client (0: off).")
+    ] = 1000.0,
+    burst: Annotated[
+        int | None,
+        typer.Option("--burst", help="Requests a client may make at once.", show_default="2x rate"),
+    ] = None,
+    max_body: Annotated[int, typer.Option("--max-body", help="Largest batch body in bytes.")] = 16
+    * 1024
+    * 1024,
+    dispatch_every: Annotated[
+        float,
+        typer.Option(
+            "--dispatch-every",
+            help="Run the dispatcher (handlers, forwarding) this often, and soon after new "
+            "events (0: never; leave it to mesh-dispatch).",
+        ),
+    ] = 1.0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Serve the HTTP API (POST /events, GET /events, /metrics, ...) until interrupted."""
+    from .gateway import Gateway, Settings, listen, load_token, serve
+
+    if not 0 <= port <= 65535:
+        _bad(f"bad --port {port}: need 0-65535")
+    if rate_limit < 0 or (burst is not None and burst < 1) or max_body < 1024:
+        _bad("need --rate-limit >= 0, --burst >= 1 and --max-body >= 1024")
+    if dispatch_every < 0:
+        _bad(f"bad --dispatch-every {dispatch_every}: need seconds >= 0")
+    mesh = _open()
+    token = load_token(token_file)
+    settings = Settings(
+        token=token,
+        rate_limit=rate_limit,
+        burst=burst if burst is not None else max(1, int(2 * rate_limit)),
+        max_body=max_body,
+        dispatch_every=dispatch_every,
+    )
+    gateway = Gateway(mesh, settings)
+    sock = listen(host, port, token)
+    bound_host, bound_port = sock.getsockname()[:2]
+    url = f"http://{bound_host if ':' not in bound_host else f'[{bound_host}]'}:{bound_port}"
+    info = {
+        "url": url,
+        "host": bound_host,
+        "port": bound_port,
+        "node_id": mesh.node_id,
+        "writes": token is not None,
+        "pid": os.getpid(),
+    }
+    writes = "writes need the bearer token" if token else "no token: writes are refused"
+    if as_json or _globals.json:
+        _emit(True, info, "")
+    else:
+        sys.stderr.write(f"node {mesh.node_id} serving on {url} ({writes}); Ctrl-C stops\n")
+    sys.stdout.flush()
+    serve(gateway, sock)
 
 
 # --- entry point ---------------------------------------------------------------------------

@@ -34,6 +34,7 @@ class DispatchPolicy(_Strict):
     backoff_max_seconds: float = Field(300.0, ge=0)
     breaker_failures: int = Field(5, ge=1)
     breaker_open_seconds: float = Field(60.0, ge=0)
+    backoff_jitter: float = Field(0.5, ge=0, le=1)  # a retry waits (1 - jitter * rand) * backoff
     batch: int = Field(5000, ge=1, le=100_000)  # events handled per durable commit
 
 
@@ -110,11 +111,53 @@ class Lane(_Strict):
     timeout: float = Field(60.0, gt=0)
 
 
+class Consumer(_Strict):
+    """A webhook that matching events are posted to (see forward.py)."""
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,62}$")
+    url: str = Field(pattern=r"^https?://[^\s/?#]+[^\s]*$")
+    match: str = "#"
+    critical: bool = True
+    timeout: float = Field(5.0, gt=0, le=300)
+    attempts: int | None = Field(None, ge=1, le=100)  # default: [dispatch] max_attempts
+    headers: dict[str, str] = Field(default_factory=dict)
+    headers_env: dict[str, str] = Field(default_factory=dict)  # header -> variable name
+
+    @field_validator("match")
+    @classmethod
+    def _pattern(cls, value: str) -> str:
+        from .patterns import Pattern
+
+        try:
+            Pattern(value)
+        except BadInput as exc:
+            raise ValueError(exc.message) from None
+        return value
+
+    @field_validator("headers", "headers_env")
+    @classmethod
+    def _header_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, item in value.items():
+            if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", name) or "\n" in item:
+                raise ValueError(f"bad header {name!r}")
+        return value
+
+
 class Config(_Strict):
     handlers: tuple[str, ...] = ()
     dispatch: DispatchPolicy = DispatchPolicy()
     scaling: Scaling = Scaling()
     lanes: tuple[Lane, ...] = ()
+    forward: tuple[Consumer, ...] = ()
+
+    @field_validator("forward")
+    @classmethod
+    def _unique_consumers(cls, value: tuple[Consumer, ...]) -> tuple[Consumer, ...]:
+        names = [consumer.name for consumer in value]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"forward consumer {dupes[0]!r} is declared twice")
+        return value
 
     @field_validator("lanes")
     @classmethod
@@ -157,6 +200,7 @@ TEMPLATE = """\
 # backoff_max_seconds = 300.0
 # breaker_failures = 5        # consecutive failures that pause a handler
 # breaker_open_seconds = 60.0 # how long it pauses; its events wait without using attempts
+# backoff_jitter = 0.5        # a retry waits between (1 - jitter) and 1 times its backoff
 # batch = 5000                # events handled per durable commit
 
 [scaling]
@@ -195,4 +239,18 @@ TEMPLATE = """\
 # start = "systemctl --user start agent@1"
 # stop = ["systemctl", "--user", "stop", "agent@1"]
 # timeout = 60
+
+# Webhooks: matching events are posted to each URL (JSON envelope, with the event id in
+# X-Orxaq-Event-Id and Idempotency-Key so receivers can drop repeats). Deliveries are retried
+# with backoff; spent attempts go to the dead letters (mesh-dlq). A critical consumer gets
+# events of one partition_key in order; a best-effort one (critical = false) does not wait.
+# [[forward]]
+# name = "ci-dashboard"
+# url = "https://dash.example.com/hooks/mesh"
+# match = "ci.#"
+# critical = true
+# timeout = 5
+# attempts = 5
+# headers = { X-Team = "infra" }
+# headers_env = { Authorization = "DASH_HOOK_AUTH" }  # value read from $DASH_HOOK_AUTH
 """

@@ -20,6 +20,7 @@ overlap: the second exits saying so, or waits with `wait=True`.
 from __future__ import annotations
 
 import hashlib
+import random
 import time
 import traceback
 from collections.abc import Callable
@@ -30,19 +31,17 @@ import orjson
 
 from .config import Config, DispatchPolicy, load_config
 from .envelope import (
-    INT64_MAX,
-    MAX_EVENT_BYTES,
     Draft,
     Envelope,
     canonical_bytes,
     check_event_type,
+    check_fits,
     check_node_id,
     check_payload,
     check_text,
     check_topic,
     now_timestamp,
     routing_key,
-    seal,
 )
 from .errors import BadInput, OperationFailed
 from .fsutil import FileLock, atomic_write_json, read_json
@@ -51,7 +50,6 @@ from .lanes import publish_lanes
 from .mesh import Mesh
 
 STATE_VERSION = 1
-_WIDEST_ID = "evt_" + "f" * 64
 TRACEBACK_TAIL_CHARS = 4000
 
 
@@ -86,6 +84,11 @@ class DispatchState:
     pending: list[Pending] = field(default_factory=list)
     breakers: dict[str, dict[str, float]] = field(default_factory=dict)
     lagging: dict[str, int] = field(default_factory=dict)
+    stats: dict[str, dict[str, int]] = field(default_factory=dict)  # per handler, cumulative
+
+    def count(self, handler: str, outcome: str) -> None:
+        per = self.stats.setdefault(handler, {})
+        per[outcome] = per.get(outcome, 0) + 1
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -96,6 +99,7 @@ class DispatchState:
             "pending": [p.as_dict() for p in sorted(self.pending, key=_pending_order)],
             "breakers": self.breakers,
             "lagging": self.lagging,
+            "stats": self.stats,
         }
 
 
@@ -148,17 +152,7 @@ def make_followup(handler: str, cause: Envelope, fu: FollowUp) -> Draft:
         if fu.key is not None
         else followup_key(handler, cause["event_id"], fu),
     )
-    if len(orjson.dumps(fu.payload)) > MAX_EVENT_BYTES - 4096:
-        # near the limit: seal with the largest seq, clock and prev it could ever get, so
-        # an oversize follow-up fails here (and is dead-lettered), not in the append
-        seal(
-            draft,
-            node_id=cause["node_id"],
-            seq=INT64_MAX,
-            prev=_WIDEST_ID,
-            clock=INT64_MAX,
-            timestamp=cause["timestamp"],
-        )
+    check_fits(draft)  # an oversize follow-up is dead-lettered here
     return draft
 
 
@@ -234,6 +228,7 @@ class Dispatcher:
             pending=[Pending.from_dict(p) for p in data.get("pending", [])],
             breakers=data.get("breakers", {}),
             lagging=data.get("lagging", {}),
+            stats=data.get("stats", {}),
         )
         self._check_cursor(state)
         return state
@@ -408,7 +403,7 @@ class Dispatcher:
                     event["event_id"],
                     offset,
                     binding.name,
-                    partition_key=event.get("partition_key"),
+                    partition_key=event.get("partition_key") if binding.ordered else None,
                 )
                 if entry.partition_key and (binding.name, entry.partition_key) in blocked:
                     state.pending.append(entry)  # waits behind the failing one
@@ -459,23 +454,27 @@ class Dispatcher:
         except (Reject, BadInput) as exc:  # permanent: retrying cannot help
             report.failed += 1
             entry.attempts += 1
-            return self._dead_letter(binding, event, entry, exc, report)
+            state.count(binding.name, "failed")
+            return self._dead_letter(binding, event, entry, exc, state, report)
         except Exception as exc:
             report.failed += 1
             entry.attempts += 1
+            state.count(binding.name, "failed")
             self._trip(state, binding.name, now)
-            if entry.attempts >= self.policy.max_attempts:
-                return self._dead_letter(binding, event, entry, exc, report)
+            if entry.attempts >= (binding.attempts or self.policy.max_attempts):
+                return self._dead_letter(binding, event, entry, exc, state, report)
             delay = min(
                 self.policy.backoff_seconds * 2 ** (entry.attempts - 1),
                 self.policy.backoff_max_seconds,
             )
-            entry.due = now + delay
+            # jitter spreads the retries of many events (and nodes) that failed together
+            entry.due = now + delay * (1 - self.policy.backoff_jitter * random.random())
             entry.error = f"{type(exc).__name__}: {exc}"[:500]
             return None
         finally:
             self._event = None
         report.handled += 1
+        state.count(binding.name, "ok")
         if binding.name in state.breakers:
             del state.breakers[binding.name]
         return drafts
@@ -492,9 +491,11 @@ class Dispatcher:
         event: Envelope,
         entry: Pending,
         exc: BaseException,
+        state: DispatchState,
         report: DispatchReport,
     ) -> list[tuple[str, Draft]]:
         report.dead_lettered += 1
+        state.count(binding.name, "dead_lettered")
         error = f"{type(exc).__name__}: {exc}"[:500]
         record = {
             "event_id": event["event_id"],

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from .errors import BadInput
+from .errors import BadInput, EventTooLarge
 from .secretscan import is_placeholder, is_secret_key, looks_like_credential
 
 FORMAT_VERSION = 1
@@ -231,6 +231,35 @@ def payload_problem(value: Any, path: str = "payload", depth: int = 0) -> str | 
     return f"bad payload: {path} is a {kind.__name__}, not JSON"
 
 
+# --- reading JSON input ------------------------------------------------------------------
+
+_BIG_INT_RE = re.compile(rb"\d{20}")
+
+
+def loads_json(raw: bytes | str) -> Any:
+    """orjson, except where the text holds a 20+ digit run: orjson turns integers beyond
+    64 bit into floats silently, so those inputs go through json with a range check.
+    Raises orjson.JSONDecodeError (a ValueError) for anything that is not JSON."""
+    data = raw.encode() if isinstance(raw, str) else raw
+    if _BIG_INT_RE.search(data) is None:
+        return orjson.loads(data)
+    import json
+
+    def checked(text: str) -> int:
+        value = int(text)
+        if not INT64_MIN <= value <= INT64_MAX:
+            raise ValueError(f"integer {text[:30]} is outside signed 64 bit")
+        return value
+
+    def no_constants(name: str) -> Any:
+        raise ValueError(f"{name} is not JSON")
+
+    try:
+        return json.loads(data, parse_int=checked, parse_constant=no_constants)
+    except ValueError as exc:
+        raise orjson.JSONDecodeError(str(exc), data.decode(errors="replace"), 0) from None
+
+
 # --- drafts and sealing ------------------------------------------------------------------
 
 
@@ -357,10 +386,31 @@ def seal(
         body["sig"] = signer(body["event_id"])
     line = orjson.dumps(body, option=_DUMP_OPTS)
     if len(line) > MAX_EVENT_BYTES:
-        raise BadInput(
+        raise EventTooLarge(
             f"event too large: {len(line)} bytes serialised, the limit is {MAX_EVENT_BYTES}"
         )
     return body, line
+
+
+_WIDEST_ID = "evt_" + "f" * 64
+_WIDEST_SIG = "ed25519:" + "A" * 86
+_NEAR_LIMIT = MAX_EVENT_BYTES - 4096
+
+
+def check_fits(draft: Draft) -> None:
+    """Refuse a draft that could exceed MAX_EVENT_BYTES once sealed, whatever node, seq,
+    clock, prev and signature the log gives it, so that the failure comes before an append.
+    Only payloads near the limit pay for the trial seal."""
+    if len(orjson.dumps(draft.payload)) > _NEAR_LIMIT:
+        seal(
+            draft,
+            node_id="n" * 63,
+            seq=INT64_MAX,
+            prev=_WIDEST_ID,
+            clock=INT64_MAX,
+            timestamp="0000-01-01T00:00:00.000000Z",
+            signer=lambda _: _WIDEST_SIG,
+        )
 
 
 def routing_key(envelope: Envelope) -> str:

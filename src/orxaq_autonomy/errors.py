@@ -24,6 +24,14 @@ class BadInput(MeshError):
     exit_code = EXIT_BAD_INPUT
 
 
+class EventTooLarge(BadInput):
+    """An event that would serialise to more than MAX_EVENT_BYTES."""
+
+
+class UnknownEvent(BadInput):
+    """No event has this id (or id prefix)."""
+
+
 class NotInitialised(BadInput):
     """The root has no node identity yet."""
 

@@ -63,6 +63,8 @@ class Binding:
     pattern: Pattern
     scope: Scope
     fn: HandlerFn
+    attempts: int | None = None  # None: the dispatch policy's max_attempts
+    ordered: bool = True  # a failure holds back later events with its partition key
 
     def applies(self, event: Envelope, node_id: str) -> bool:
         if self.scope == "every":
@@ -142,6 +144,7 @@ def _import(spec: str, root: Path) -> ModuleType:
 def load_bindings(config: Config, root: Path) -> list[Binding]:
     """The built-in chain, then the handlers in the modules the config names."""
     from . import builtin, lanes
+    from .forward import forward_bindings
 
     bindings = bindings_in(builtin) + bindings_in(lanes)
     for spec in config.handlers:
@@ -155,6 +158,7 @@ def load_bindings(config: Config, root: Path) -> list[Binding]:
         if not found:
             raise BadInput(f"handler module {spec} defines no @handler functions")
         bindings.extend(found)
+    bindings.extend(forward_bindings(config.forward))
     names = [b.name for b in bindings]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:

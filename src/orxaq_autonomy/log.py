@@ -33,7 +33,7 @@ from typing import Any, NamedTuple
 import orjson
 
 from .envelope import Draft, Envelope, InvalidEnvelope, now_timestamp, parse_envelope, seal
-from .errors import BadInput, OperationFailed
+from .errors import BadInput, OperationFailed, UnknownEvent
 from .fsutil import FileLock, fsync_dir
 
 _SCHEMA_VERSION = 1
@@ -576,7 +576,7 @@ class EventLog:
         }
         found.update(row[0] for row in pending if low <= row[0] <= high)
         if not found:
-            raise BadInput(f"unknown event id {ref!r}")
+            raise UnknownEvent(f"unknown event id {ref!r}")
         if len(found) > 1:
             raise BadInput(f"ambiguous event id prefix {ref!r}: give more digits")
         self._store_index(start, end, pending)
@@ -588,6 +588,18 @@ class EventLog:
             "SELECT offset FROM events WHERE id = ?", (_id_bytes(event_id),)
         ).fetchone()
         return None if row is None else self.read_at(row[0])
+
+    def end_of(self, event_id: str) -> int | None:
+        """The byte offset just past `event_id`'s line, or None if the log lacks it."""
+        self._index_up_to_date()
+        row = self.db.execute(
+            "SELECT offset FROM events WHERE id = ?", (_id_bytes(event_id),)
+        ).fetchone()
+        if row is None:
+            return None
+        with open(self.path, "rb") as fh:
+            fh.seek(row[0])
+            return int(row[0]) + len(fh.readline())
 
     def followups_of(self, event_id: str) -> list[Envelope]:
         """The events whose causation_id is `event_id`, in log order."""

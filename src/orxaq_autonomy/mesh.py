@@ -15,6 +15,8 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from .envelope import (
     EVENT_ID_RE,
     Draft,
@@ -23,7 +25,7 @@ from .envelope import (
     normalise_timestamp,
     routing_key,
 )
-from .errors import BadInput
+from .errors import BadInput, UnknownEvent
 from .fsutil import read_json
 from .log import Appended, EventLog
 from .node import Identity, InitResult, init_node, load_identity
@@ -153,7 +155,7 @@ class Mesh:
     def get(self, ref: str) -> Envelope:
         event = self.log.get(self.resolve_event_id(ref))
         if event is None:  # resolve() found it in the index
-            raise BadInput(f"unknown event id {ref!r}")
+            raise UnknownEvent(f"unknown event id {ref!r}")
         return event
 
     def trace(self, ref: str, max_events: int = 1000) -> dict[str, Any]:
@@ -215,6 +217,37 @@ class Mesh:
         picked.reverse()
         return picked
 
+    def page(
+        self,
+        after: str | None = None,
+        match: str | None = None,
+        limit: int = 100,
+        scan: int = 10_000,
+    ) -> tuple[list[Envelope], str | None]:
+        """Cursor paging in arrival order: up to `limit` events matching `match` that come
+        after the event `after` (an id or unique prefix; None: the start of the log).
+        At most `scan` lines are read, so a page costs the same however long the log is.
+        Returns the events and the cursor for the next page: the id of the last line read
+        (matching or not), or `after` itself when nothing new was there."""
+        pattern = compile_pattern(match) if match else None
+        if not 1 <= limit <= 10_000:
+            raise BadInput(f"bad limit {limit}: need 1-10000")
+        start, cursor = 0, None
+        if after:
+            cursor = self.resolve_event_id(after)
+            start = self.log.end_of(cursor) or 0
+        picked: list[Envelope] = []
+        for read, (_, line) in enumerate(self.log.iter_lines(start, self.log.committed().log_size)):
+            event: Envelope = orjson.loads(line)
+            cursor = event["event_id"]
+            if pattern is None or pattern.matches(routing_key(event)):
+                picked.append(event)
+                if len(picked) == limit:
+                    break
+            if read + 1 >= scan:
+                break
+        return picked, cursor
+
     def iter_events(self, start: int = 0) -> Iterator[Envelope]:
         return self.log.iter_events(start)
 
@@ -272,10 +305,17 @@ class Mesh:
             cursor = read_json(state_dir / "dispatch_cursor.json")
         except FileNotFoundError:
             cursor = {}
-        dead = state_dir / "dead_letters"
+        dead_by_handler: dict[str, int] = {}
+        for path in (state_dir / "dead_letters").glob("*.json"):
+            handler = path.stem.partition("--")[2]  # <event_id>--<handler>.json
+            dead_by_handler[handler] = dead_by_handler.get(handler, 0) + 1
+        pending_by_handler: dict[str, int] = {}
+        for entry in cursor.get("pending", []):
+            pending_by_handler[entry["handler"]] = pending_by_handler.get(entry["handler"], 0) + 1
         now = time.time()
         return {
             "cursor": cursor.get("offset", 0),
+            "dispatched": cursor.get("dispatched", 0),
             "lag_events": max(0, count - cursor.get("dispatched", 0)),
             "pending": len(cursor.get("pending", [])),
             "paused": sorted(
@@ -283,7 +323,10 @@ class Mesh:
                 for name, breaker in cursor.get("breakers", {}).items()
                 if breaker.get("open_until", 0) > now
             ),
-            "dead_letters": sum(1 for _ in dead.glob("*.json")) if dead.exists() else 0,
+            "dead_letters": sum(dead_by_handler.values()),
+            "pending_by_handler": pending_by_handler,
+            "dead_by_handler": dead_by_handler,
+            "stats": cursor.get("stats", {}),
         }
 
     def manifests(self) -> dict[str, dict[str, Any]]:

@@ -1,0 +1,702 @@
+"""`mesh-serve`: the mesh's HTTP front door, an ASGI app (Starlette) over the library API.
+
+    POST /events          one event (mesh fields, router format or CloudEvents; intake.py)
+    POST /events/batch    a list of events: all appended, or none
+    GET  /events          ?after=&match=&limit= cursor paging in arrival order
+    GET  /events/{id}     one event; an id prefix is enough
+    GET  /healthz         the process answers
+    GET  /readiness       whether it can take writes, and on what that is based
+    GET  /metrics         Prometheus text (metrics.py)
+
+A write is answered only after its event is durably in the log. Concurrent writes are
+appended by one committer thread in groups: each group is one write, one fsync and one
+index commit, so many requests share the cost of a flush (group commit) and the event loop
+never waits on the disk. Reads run on a reader thread of their own for the same reason.
+
+Security, in the order a request meets it: per-client rate limit (429 with Retry-After);
+the bearer token, compared in constant time before any body is read (no token configured:
+writes are refused; tokens in the query string are refused); the body limit (413).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import math
+import os
+import queue
+import shutil
+import socket
+import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NamedTuple, TypeVar
+
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .envelope import Draft
+from .errors import BadInput, EventTooLarge, MeshError, UnknownEvent
+from .intake import InvalidField, draft_from_request, drafts_from_batch
+from .log import Appended
+from .mesh import Mesh
+from .metrics import GatewayMetrics
+
+T = TypeVar("T")
+
+SINGLE_BODY_LIMIT = 2 * 1024 * 1024  # one event is at most 1 MiB serialised
+GROUP_LIMIT = 20_000  # events appended per group commit at most
+TOKEN_ENV = "ORXAQ_AUTONOMY_SERVE_TOKEN"
+MIN_TOKEN_CHARS = 16
+
+
+@dataclass(frozen=True)
+class Settings:
+    token: bytes | None = None  # None: writes are refused
+    rate_limit: float = 1000.0  # requests per second per client; 0 turns it off
+    burst: int = 2000  # requests a client may make at once
+    max_body: int = 16 * 1024 * 1024  # bytes, for batches
+    max_batch_events: int = 10_000
+    max_queued_events: int = 100_000  # beyond this, writes get 503 until the disk catches up
+    dispatch_every: float = 1.0  # seconds between background dispatch runs; 0 turns it off
+
+
+def load_token(token_file: str | None, env: Mapping[str, str] | None = None) -> bytes | None:
+    """The bearer token from `token_file`, else from $ORXAQ_AUTONOMY_SERVE_TOKEN, else None."""
+    environ = os.environ if env is None else env
+    if token_file is not None:
+        path = Path(token_file)
+        try:
+            mode = path.stat().st_mode
+            raw = path.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise BadInput(f"cannot read --token-file {token_file}: {exc}") from None
+        if mode & 0o077:
+            raise BadInput(f"--token-file {token_file} is readable by others: chmod 600 it")
+        where = f"--token-file {token_file}"
+    elif environ.get(TOKEN_ENV):
+        raw, where = environ[TOKEN_ENV].strip(), TOKEN_ENV
+    else:
+        return None
+    if len(raw) < MIN_TOKEN_CHARS or any(c.isspace() for c in raw):
+        raise BadInput(f"the token in {where} needs {MIN_TOKEN_CHARS}+ characters, no spaces")
+    return raw.encode()
+
+
+class HTTPError(Exception):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        field: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.field = field
+        self.headers = headers
+
+
+def json_response(status: int, data: Any, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(orjson.dumps(data), status, headers, media_type="application/json")
+
+
+def error_response(exc: HTTPError) -> Response:
+    error: dict[str, Any] = {"code": exc.status, "message": " ".join(exc.message.split())}
+    if exc.field is not None:
+        error["field"] = exc.field
+    return json_response(exc.status, {"error": error}, exc.headers)
+
+
+# --- rate limiting -------------------------------------------------------------------------
+
+
+class RateLimiter:
+    """A token bucket per client address; the least recently seen are forgotten first."""
+
+    def __init__(
+        self,
+        rate: float,
+        burst: int,
+        clock: Callable[[], float] = time.monotonic,
+        max_clients: int = 10_000,
+    ) -> None:
+        self.rate = rate
+        self.burst = max(1, burst)
+        self.clock = clock
+        self.max_clients = max_clients
+        self._buckets: OrderedDict[str, list[float]] = OrderedDict()
+
+    def wait(self, client: str) -> float:
+        """0 when `client` may go ahead now, else the seconds until it may."""
+        if self.rate <= 0:
+            return 0.0
+        now = self.clock()
+        bucket = self._buckets.get(client)
+        if bucket is None:
+            bucket = self._buckets[client] = [float(self.burst), now]
+            if len(self._buckets) > self.max_clients:
+                self._buckets.popitem(last=False)
+        else:
+            self._buckets.move_to_end(client)
+            bucket[0] = min(float(self.burst), bucket[0] + (now - bucket[1]) * self.rate)
+            bucket[1] = now
+        if bucket[0] >= 1:
+            bucket[0] -= 1
+            return 0.0
+        return (1 - bucket[0]) / self.rate
+
+
+# --- group commit --------------------------------------------------------------------------
+
+
+class _Submission(NamedTuple):
+    drafts: list[Draft]
+    future: asyncio.Future[list[Appended]]
+    loop: asyncio.AbstractEventLoop
+
+
+class Committer:
+    """One thread that appends what requests submit, many requests per append.
+
+    A request's drafts are all-or-nothing: if a group fails on one request's input, each
+    request of the group is appended on its own so that only the bad one fails."""
+
+    def __init__(
+        self,
+        mesh: Mesh,
+        metrics: GatewayMetrics,
+        max_queued: int,
+        on_commit: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.mesh = mesh
+        self.metrics = metrics
+        self.max_queued = max_queued
+        self.on_commit = on_commit
+        self._queue: queue.SimpleQueue[_Submission | None] = queue.SimpleQueue()
+        self._queued = 0
+        self._count_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name="mesh-committer", daemon=True)
+        self.failure: str | None = None
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Append everything already submitted, then end the thread."""
+        if self._thread.is_alive():
+            self._queue.put(None)
+            self._thread.join()
+
+    async def submit(self, drafts: list[Draft]) -> list[Appended]:
+        if not self.alive:
+            raise HTTPError(503, f"the committer is not running: {self.failure or 'stopped'}")
+        with self._count_lock:
+            if self._queued + len(drafts) > self.max_queued:
+                raise HTTPError(
+                    503,
+                    f"{self._queued} events are waiting for the disk; try again shortly",
+                    headers={"Retry-After": "1"},
+                )
+            self._queued += len(drafts)
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[list[Appended]] = loop.create_future()
+        self._queue.put(_Submission(drafts, future, loop))
+        return await future
+
+    def _run(self) -> None:
+        try:
+            stopping = False
+            while not stopping:
+                first = self._queue.get()
+                if first is None:
+                    break
+                group, events = [first], len(first.drafts)
+                while events < GROUP_LIMIT:
+                    try:
+                        item = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        stopping = True
+                        break
+                    group.append(item)
+                    events += len(item.drafts)
+                self._commit(group, events)
+        except BaseException as exc:  # pragma: no cover - a bug; refuse writes from now on
+            self.failure = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            self.mesh.close()
+
+    def _commit(self, group: list[_Submission], events: int) -> None:
+        outcomes: list[tuple[_Submission, list[Appended] | BaseException]] = []
+        try:
+            results = self.mesh.publish_drafts([d for s in group for d in s.drafts])
+            position = 0
+            for submission in group:
+                size = len(submission.drafts)
+                outcomes.append((submission, results[position : position + size]))
+                position += size
+            self.metrics.group_size.observe(events)
+        except BadInput as exc:
+            if len(group) == 1:
+                outcomes = [(group[0], exc)]
+            else:  # find the request at fault: the others go in on their own
+                for submission in group:
+                    try:
+                        outcomes.append((submission, self.mesh.publish_drafts(submission.drafts)))
+                    except Exception as one:
+                        outcomes.append((submission, one))
+        except Exception as exc:  # the disk or the index failed: every request of the group
+            outcomes = [(submission, exc) for submission in group]
+        with self._count_lock:
+            self._queued -= events
+        fresh = sum(
+            1
+            for _, result in outcomes
+            if isinstance(result, list)
+            for r in result
+            if not r.duplicate
+        )
+        self.metrics.published.inc(fresh)
+        self.metrics.duplicates.inc(
+            sum(len(result) for _, result in outcomes if isinstance(result, list)) - fresh
+        )
+        if fresh:
+            self.on_commit()
+        by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
+        for submission, result in outcomes:
+            by_loop.setdefault(submission.loop, []).append((submission.future, result))
+        for loop, settled in by_loop.items():
+            loop.call_soon_threadsafe(_settle, settled)
+
+
+def _settle(settled: list[tuple[asyncio.Future[list[Appended]], Any]]) -> None:
+    for future, result in settled:
+        if future.done():  # the client went away; its events are in the log all the same
+            continue
+        if isinstance(result, BaseException):
+            future.set_exception(result)
+        else:
+            future.set_result(result)
+
+
+# --- background dispatch -------------------------------------------------------------------
+
+
+class DispatchLoop:
+    """Runs the dispatcher (built-in chain, user handlers, forwarding) in the background:
+    soon after new events are committed, and every `every` seconds for retries that
+    come due. A `mesh-dispatch` from cron at the same time simply skips its turn."""
+
+    def __init__(self, mesh: Mesh, every: float) -> None:
+        from .dispatch import Dispatcher
+
+        self.dispatcher = Dispatcher(mesh)  # here, so that a broken config stops the start
+        self.every = every
+        self.wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="mesh-dispatch", daemon=True)
+        self.last_run: float | None = None
+        self.last_error: str | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.wake.set()
+        self._thread.join(timeout=30)
+
+    def _run(self) -> None:
+        try:
+            while not self._stop.is_set():
+                self.wake.wait(self.every)
+                if self._stop.wait(0.05):  # let a burst of commits gather first
+                    break
+                self.wake.clear()
+                try:
+                    self.dispatcher.run(wait=False)
+                    self.last_error = None
+                except Exception as exc:
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    print(f"orxaq-autonomy: dispatch failed: {self.last_error}", file=sys.stderr)
+                self.last_run = time.time()
+        finally:
+            self.dispatcher.mesh.close()
+
+
+# --- the app -------------------------------------------------------------------------------
+
+
+class Gateway:
+    """The app and what it runs on: a committer, a reader thread, a dispatch loop."""
+
+    def __init__(self, mesh: Mesh, settings: Settings) -> None:
+        self.settings = settings
+        self.layout = mesh.layout
+        self.metrics = GatewayMetrics()
+        # Each thread gets its own Mesh: SQLite connections stay in the thread that made them.
+        self.reader = Mesh(mesh.layout, mesh.identity)
+        self.metrics.watch(self.reader)
+        self.dispatch = (
+            DispatchLoop(Mesh(mesh.layout, mesh.identity), settings.dispatch_every)
+            if settings.dispatch_every > 0
+            else None
+        )
+        self.committer = Committer(
+            Mesh(mesh.layout, mesh.identity),
+            self.metrics,
+            settings.max_queued_events,
+            self.dispatch.wake.set if self.dispatch else (lambda: None),
+        )
+        self.limiter = RateLimiter(settings.rate_limit, settings.burst)
+        self._reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-reader")
+        self.started = time.time()
+        routes = [
+            Route("/events", self._guard(self.post_event), methods=["POST"]),
+            Route("/events/batch", self._guard(self.post_batch), methods=["POST"]),
+            Route("/events", self._guard(self.list_events), methods=["GET"]),
+            Route("/events/{ref}", self._guard(self.get_event), methods=["GET"]),
+            Route("/healthz", self.healthz, methods=["GET"]),
+            Route("/readiness", self._guard(self.readiness), methods=["GET"]),
+            Route("/metrics", self._guard(self.prometheus), methods=["GET"]),
+        ]
+        self.app: ASGIApp = _Timing(Starlette(routes=routes, lifespan=self._lifespan), self.metrics)
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.committer.start()
+        if self.dispatch:
+            self.dispatch.start()
+
+    def stop(self) -> None:
+        self.committer.stop()
+        if self.dispatch:
+            self.dispatch.stop()
+        self._reads.submit(self.reader.close).result()
+        self._reads.shutdown()
+
+    def _lifespan(self, app: Starlette) -> Any:
+        gateway = self
+
+        class _Span:
+            async def __aenter__(self) -> None:
+                gateway.start()
+
+            async def __aexit__(self, *exc: object) -> None:
+                await asyncio.get_running_loop().run_in_executor(None, gateway.stop)
+
+        return _Span()
+
+    async def _read(self, fn: Callable[[Mesh], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._reads, fn, self.reader)
+
+    # --- the checks every request meets -----------------------------------------------
+
+    def _guard(
+        self, endpoint: Callable[[Request], Awaitable[Response]]
+    ) -> Callable[[Request], Awaitable[Response]]:
+        async def guarded(request: Request) -> Response:
+            try:
+                return await endpoint(request)
+            except HTTPError as exc:
+                return error_response(exc)
+            except InvalidField as exc:
+                return error_response(HTTPError(422, exc.reason, exc.field))
+            except EventTooLarge as exc:
+                return error_response(HTTPError(413, exc.message))
+            except UnknownEvent as exc:
+                return error_response(HTTPError(404, exc.message))
+            except BadInput as exc:
+                return error_response(HTTPError(422, exc.message, "event"))
+            except MeshError as exc:
+                return error_response(HTTPError(503, exc.message))
+            except Exception as exc:
+                print(f"orxaq-autonomy: internal error: {exc!r}", file=sys.stderr)
+                return error_response(HTTPError(500, f"internal error: {type(exc).__name__}"))
+
+        return guarded
+
+    def _admit(self, request: Request, write: bool) -> None:
+        client = request.client.host if request.client else "unknown"
+        wait = self.limiter.wait(client)
+        if wait:
+            self.metrics.rate_limited.inc()
+            raise HTTPError(
+                429,
+                f"rate limit: {self.settings.rate_limit:g} requests/s per client",
+                headers={"Retry-After": str(max(1, math.ceil(wait)))},
+            )
+        if request.scope["query_string"] and any(
+            name in request.query_params for name in ("access_token", "token")
+        ):
+            raise HTTPError(
+                400, "tokens are refused in the query string; send Authorization: Bearer"
+            )
+        token = self.settings.token
+        if token is None:
+            if write:
+                raise HTTPError(
+                    403,
+                    f"writes are refused: no token is configured (--token-file or {TOKEN_ENV})",
+                )
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        # compare_digest first, always: the time taken must not depend on what was sent
+        matches = hmac.compare_digest(given.strip().encode(), token)
+        if not (matches and scheme.lower() == "bearer"):
+            raise HTTPError(
+                401,
+                "missing or wrong bearer token",
+                headers={"WWW-Authenticate": 'Bearer realm="orxaq-mesh"'},
+            )
+
+    async def _body(self, request: Request, limit: int) -> tuple[Any, int]:
+        """The parsed JSON body and its length in bytes."""
+        # The body is parsed as JSON whatever its Content-Type says (curl -d sends a form
+        # type): a token is needed to write, so a browser's cross-site form cannot post.
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise HTTPError(400, "bad Content-Length")
+            if int(declared) > limit:
+                raise HTTPError(413, f"body of {declared} bytes; the limit is {limit}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise HTTPError(413, f"body over the limit of {limit} bytes")
+            chunks.append(chunk)
+        from .envelope import loads_json
+
+        try:
+            return loads_json(b"".join(chunks)), size
+        except ValueError as exc:
+            raise HTTPError(400, f"invalid JSON: {exc}", "body") from None
+
+    # --- endpoints --------------------------------------------------------------------
+
+    async def post_event(self, request: Request) -> Response:
+        self._admit(request, write=True)
+        body, size = await self._body(request, SINGLE_BODY_LIMIT)
+        draft = draft_from_request(body, size)
+        (result,) = await self.committer.submit([draft])
+        answer: dict[str, Any] = {
+            "event_id": result.event_id,
+            "seq": result.seq,
+            "duplicate": result.duplicate,
+        }
+        if result.duplicate:
+            return json_response(200, answer)
+        answer["event"] = result.envelope
+        return json_response(201, answer, {"Location": f"/events/{result.event_id}"})
+
+    async def post_batch(self, request: Request) -> Response:
+        self._admit(request, write=True)
+        body, size = await self._body(request, self.settings.max_body)
+        drafts = drafts_from_batch(body, self.settings.max_batch_events, size)
+        results = await self.committer.submit(drafts)
+        fresh = sum(1 for r in results if not r.duplicate)
+        return json_response(
+            201 if fresh else 200,
+            {
+                "published": fresh,
+                "duplicates": len(results) - fresh,
+                "results": [
+                    {"event_id": r.event_id, "seq": r.seq, "duplicate": r.duplicate}
+                    for r in results
+                ],
+            },
+        )
+
+    async def list_events(self, request: Request) -> Response:
+        self._admit(request, write=False)
+        params = request.query_params
+        unknown = sorted(set(params) - {"after", "match", "limit"})
+        if unknown:
+            raise HTTPError(400, f"unknown parameter {unknown[0]!r}; known: after, match, limit")
+        raw_limit = params.get("limit", "100")
+        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 1000:
+            raise HTTPError(400, f"bad limit {raw_limit!r}: need 1-1000", "limit")
+        after, match = params.get("after") or None, params.get("match") or None
+
+        def page(mesh: Mesh) -> tuple[list[dict[str, Any]], str | None]:
+            try:
+                return mesh.page(after, match, int(raw_limit))
+            except UnknownEvent:
+                raise HTTPError(404, f"unknown event {after!r} in after", "after") from None
+            except BadInput as exc:
+                field = "match" if "pattern" in exc.message else "after"
+                raise HTTPError(400, exc.message, field) from None
+
+        events, cursor = await self._read(page)
+        return json_response(200, {"events": events, "next": cursor})
+
+    async def get_event(self, request: Request) -> Response:
+        self._admit(request, write=False)
+        ref = request.path_params["ref"]
+
+        def get(mesh: Mesh) -> dict[str, Any]:
+            try:
+                return mesh.get(ref)
+            except UnknownEvent:
+                raise
+            except BadInput as exc:
+                raise HTTPError(400, exc.message) from None
+
+        return json_response(200, await self._read(get))
+
+    async def healthz(self, request: Request) -> Response:
+        return json_response(200, {"status": "ok"})
+
+    async def readiness(self, request: Request) -> Response:
+        def checks(mesh: Mesh) -> dict[str, dict[str, Any]]:
+            found: dict[str, dict[str, Any]] = {}
+            try:
+                tail = mesh.log.committed()
+                found["log"] = {"ok": True, "detail": f"{tail.count} events, index agrees"}
+            except Exception as exc:
+                found["log"] = {"ok": False, "detail": f"{type(exc).__name__}: {exc}"}
+            free = shutil.disk_usage(mesh.layout.log_file.parent).free
+            found["disk"] = {
+                "ok": free >= 64 * 1024 * 1024,
+                "detail": f"{free // (1024 * 1024)} MiB free for the log (needs 64)",
+            }
+            return found
+
+        found = await self._read(checks)
+        found["committer"] = {
+            "ok": self.committer.alive and self.committer.queued < self.settings.max_queued_events,
+            "detail": f"{'running' if self.committer.alive else 'stopped'}, "
+            f"{self.committer.queued} events waiting",
+        }
+        if self.dispatch is not None:
+            found["dispatch"] = {
+                "ok": self.dispatch.last_error is None,
+                "detail": self.dispatch.last_error
+                or f"every {self.dispatch.every:g}s, last run "
+                + (
+                    f"{time.time() - self.dispatch.last_run:.1f}s ago"
+                    if self.dispatch.last_run
+                    else "not yet"
+                ),
+            }
+        ready = all(check["ok"] for check in found.values())
+        return json_response(
+            200 if ready else 503,
+            {
+                "ready": ready,
+                "writes": "accepted" if self.settings.token else "refused: no token configured",
+                "checks": found,
+            },
+        )
+
+    async def prometheus(self, request: Request) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        text = await self._read(lambda _: generate_latest(self.metrics.registry))
+        return Response(text, 200, media_type=CONTENT_TYPE_LATEST)
+
+
+_ROUTES = ("/events/batch", "/events", "/healthz", "/readiness", "/metrics")
+
+
+def _route_of(path: str) -> str:
+    if path in _ROUTES:
+        return path
+    if path.startswith("/events/"):
+        return "/events/{id}"
+    return "other"
+
+
+class _Timing:
+    """Request count and latency by route, method and status, for every request."""
+
+    def __init__(self, app: ASGIApp, metrics: GatewayMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            route, method = _route_of(scope["path"]), scope["method"]
+            self.metrics.latency.labels(route, method).observe(time.perf_counter() - start)
+            self.metrics.requests.labels(route, method, str(status)).inc()
+
+
+# --- serving -------------------------------------------------------------------------------
+
+
+def listen(host: str, port: int, token: bytes | None) -> socket.socket:
+    """A listening socket. Anything but loopback needs a token: reads would be open."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise BadInput(f"bad --host {host!r}: {exc.strerror}") from None
+    family, _, _, _, address = infos[0]
+    if token is None and not ipaddress.ip_address(address[0]).is_loopback:
+        raise BadInput(
+            f"refusing to listen on {host} without a token: set --token-file or {TOKEN_ENV}"
+        )
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise BadInput(f"cannot listen on {host}:{port}: {exc.strerror}") from None
+    sock.listen(2048)
+    return sock
+
+
+def serve(gateway: Gateway, sock: socket.socket) -> None:
+    """Serve until SIGINT or SIGTERM; writes already accepted are appended before exit."""
+    import uvicorn
+
+    config = uvicorn.Config(
+        gateway.app,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_level="warning",
+        proxy_headers=False,  # the rate limit keys on the peer address; do not trust headers
+        server_header=False,
+        timeout_graceful_shutdown=10,
+    )
+    uvicorn.Server(config).run(sockets=[sock])

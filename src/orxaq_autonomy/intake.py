@@ -1,0 +1,209 @@
+"""What the HTTP gateway accepts as "publish this", turned into one `Draft`.
+
+Three shapes, told apart by their keys:
+
+- the mesh's own fields, as in `mesh-publish --stdin` (`topic`, `event_type`, `payload`,
+  `causation_id`, `correlation_id`, `target`, `partition_key`, `tenant`,
+  `idempotency_key`, `source`, `timestamp`; `causation` and `correlation` are accepted
+  as short names);
+- the HTTP router format this project replaces: `{"type": "ci.result", "source", "payload",
+  "timestamp"?, "correlation_id"?}` (the first segment of `type` is the topic, the rest the
+  event type), plus any of the mesh's optional fields;
+- a CloudEvents 1.0 event in structured JSON mode (it has `specversion`).
+
+Every problem is an `InvalidField` naming the request's own field (`type`, `data`, ...),
+so a 422 tells the caller what to fix in the terms they used.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .envelope import DRAFT_FIELDS, MAX_EVENT_BYTES, OPTIONAL_FIELDS, Draft, check_fits
+from .errors import BadInput, EventTooLarge
+
+DEFAULT_SOURCE = "http"
+_SMALL = MAX_EVENT_BYTES // 2  # a request this short cannot become an oversize event
+ALIASES = {"causation": "causation_id", "correlation": "correlation_id"}
+_MESH_FIELDS = DRAFT_FIELDS | ALIASES.keys()
+_ROUTER_FIELDS = {"type", "source", "payload", "timestamp", *OPTIONAL_FIELDS, *ALIASES}
+
+# CloudEvents context attributes and the draft fields they fill. `id` (with `source`)
+# becomes the idempotency key: CloudEvents says the pair identifies an event, and that a
+# repeated pair is a duplicate.
+CE_ATTRIBUTES = {
+    "specversion": None,
+    "id": "idempotency_key",
+    "source": "source",
+    "type": "event_type",
+    "time": "timestamp",
+    "data": "payload",
+    "datacontenttype": None,
+    "subject": "partition_key",
+    "partitionkey": "partition_key",  # the CloudEvents partitioning extension
+    "correlationid": "correlation_id",
+    "causationid": "causation_id",
+    "tenant": "tenant",
+    "target": "target",
+}
+
+
+class InvalidField(BadInput):
+    """A request field that cannot become (part of) an event."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+def draft_from_request(body: Any, size_bound: int = MAX_EVENT_BYTES) -> Draft:
+    """The draft for one event in any of the three shapes; raises `InvalidField`.
+    `size_bound` is what the caller knows of its serialised size (the request's length):
+    below the event limit, the trial seal for oversize events is skipped."""
+    if not isinstance(body, dict):
+        raise InvalidField("body", "need a JSON object for one event")
+    if "specversion" in body:
+        fields, names = _from_cloudevent(body)
+    elif "type" in body and "topic" not in body:
+        fields, names = _from_router(body)
+    else:
+        fields, names = _from_mesh(body)
+    return _build(fields, names, size_bound)
+
+
+def drafts_from_batch(body: Any, max_events: int, size_bound: int = MAX_EVENT_BYTES) -> list[Draft]:
+    """Every draft of a batch (a JSON array, or `{"events": [...]}`), or the first
+    problem, named by its index: `[3].type`."""
+    if isinstance(body, dict) and set(body) == {"events"}:
+        body = body["events"]
+    if not isinstance(body, list):
+        raise InvalidField("body", 'need a JSON array of events (or {"events": [...]})')
+    if not body:
+        raise InvalidField("body", "the batch is empty")
+    if len(body) > max_events:
+        raise InvalidField("body", f"{len(body)} events; a batch holds at most {max_events}")
+    drafts = []
+    for index, item in enumerate(body):
+        try:
+            drafts.append(draft_from_request(item, size_bound))
+        except InvalidField as exc:
+            raise InvalidField(f"[{index}].{exc.field}", exc.reason) from None
+        except EventTooLarge as exc:
+            raise EventTooLarge(f"[{index}]: {exc.message}") from None
+    return drafts
+
+
+# --- the three shapes ----------------------------------------------------------------------
+
+Fields = dict[str, Any]
+Names = dict[str, str]  # draft field -> the request's name for it
+
+
+def _from_mesh(body: dict[str, Any]) -> tuple[Fields, Names]:
+    unknown = sorted(body.keys() - _MESH_FIELDS)
+    if unknown:
+        raise InvalidField(unknown[0], f"unknown field; allowed: {', '.join(sorted(DRAFT_FIELDS))}")
+    if body.keys().isdisjoint(ALIASES):
+        return body, {}  # the common case: the request's names are the draft's
+    return _renamed(body)
+
+
+def _from_router(body: dict[str, Any]) -> tuple[Fields, Names]:
+    unknown = sorted(body.keys() - _ROUTER_FIELDS)
+    if unknown:
+        raise InvalidField(
+            unknown[0], f"unknown field; allowed: {', '.join(sorted(_ROUTER_FIELDS))}"
+        )
+    rest = {k: v for k, v in body.items() if k != "type"}
+    fields, names = _renamed(rest)
+    fields["topic"], fields["event_type"] = _split_type(body["type"], "type")
+    names["topic"] = names["event_type"] = "type"
+    return fields, names
+
+
+def _from_cloudevent(body: dict[str, Any]) -> tuple[Fields, Names]:
+    if body["specversion"] != "1.0":
+        raise InvalidField("specversion", f"{body['specversion']!r} is not supported; need '1.0'")
+    if "data_base64" in body:
+        raise InvalidField("data_base64", "binary data is not supported; send JSON in data")
+    unknown = sorted(body.keys() - CE_ATTRIBUTES.keys())
+    if unknown:
+        raise InvalidField(
+            unknown[0],
+            f"unsupported CloudEvents attribute; supported: {', '.join(sorted(CE_ATTRIBUTES))}",
+        )
+    for name in ("id", "source", "type"):
+        if not isinstance(body.get(name), str) or not body[name]:
+            raise InvalidField(name, "required: a non-empty string")
+    content_type = body.get("datacontenttype", "application/json")
+    media = str(content_type).split(";")[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise InvalidField("datacontenttype", f"{content_type!r}: only JSON data is supported")
+    fields: Fields = {}
+    names: Names = {}
+    for attribute, target in CE_ATTRIBUTES.items():
+        if target is None or attribute not in body or attribute in ("id", "type"):
+            continue
+        if target == "partition_key" and attribute == "subject" and "partitionkey" in body:
+            continue  # the explicit partition key wins
+        fields[target], names[target] = body[attribute], attribute
+    fields["topic"], fields["event_type"] = _split_type(body["type"], "type")
+    names["topic"] = names["event_type"] = "type"
+    fields["idempotency_key"] = f"ce:{body['source']}#{body['id']}"
+    names["idempotency_key"] = "id"
+    return fields, names
+
+
+def _renamed(body: dict[str, Any]) -> tuple[Fields, Names]:
+    fields: Fields = {}
+    names: Names = {}
+    for name, value in body.items():
+        target = ALIASES.get(name, name)
+        if target in fields:
+            raise InvalidField(name, f"given twice (as {names[target]!r} too)")
+        fields[target], names[target] = value, name
+    return fields, names
+
+
+def _split_type(value: Any, name: str) -> tuple[str, str]:
+    if not isinstance(value, str) or "." not in value.strip("."):
+        raise InvalidField(name, f"{value!r}: need <topic>.<event type>, e.g. ci.result")
+    topic, _, event_type = value.partition(".")
+    return topic, event_type
+
+
+# --- validation ----------------------------------------------------------------------------
+
+
+def _build(fields: Fields, names: Names, size_bound: int) -> Draft:
+    try:
+        draft = Draft.from_mapping(fields, DEFAULT_SOURCE)
+        if size_bound > _SMALL:
+            check_fits(draft)
+        return draft
+    except EventTooLarge:
+        raise
+    except BadInput as exc:
+        field = _blame(fields)
+        reason = exc.message
+        raise InvalidField(names.get(field, field), reason) from None
+
+
+def _blame(fields: Fields) -> str:
+    """The field behind a validation error: each field is checked on its own. This runs
+    only after a failure, so the happy path validates once."""
+    for name in ("topic", "event_type"):
+        if fields.get(name) is None:
+            return name
+    if "payload" in fields and fields["payload"] is None:
+        return "payload"
+    base = {"topic": "t", "event_type": "e"}
+    for name, value in fields.items():
+        if value is None:
+            continue
+        try:
+            Draft.create(**{**base, name: value})
+        except BadInput:
+            return name
+    return "event"
