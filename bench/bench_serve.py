@@ -26,6 +26,7 @@ from pathlib import Path
 import orjson
 
 HERE = Path(__file__).resolve().parent
+EXTRA = os.environ.get("BENCH_SERVE_ARGS", "").split()
 
 
 class Connection:
@@ -74,12 +75,47 @@ async def drive(
     return time.perf_counter() - start, latencies, answers
 
 
+async def drive_at_rate(
+    port: int, token: str, bodies: list[bytes], rate: float, connections: int
+) -> tuple[float, list[float]]:
+    """Open loop: request i is due at start + i / rate, whatever came before (a closed loop
+    would slow down with the server and hide its latency). Latency counts from the due time,
+    so time spent waiting for a free connection is included."""
+    pool: asyncio.Queue[Connection] = asyncio.Queue()
+    for _ in range(connections):
+        pool.put_nowait(Connection(*await asyncio.open_connection("127.0.0.1", port)))
+    latencies: list[float] = []
+    clock = time.perf_counter  # uvloop's loop.time() has millisecond steps
+    start = clock() + 0.05
+
+    async def one(index: int, due: float) -> None:
+        conn = await pool.get()
+        status, answer = await conn.post("/events", bodies[index], token)
+        latencies.append(clock() - due)
+        pool.put_nowait(conn)
+        if status != 201:
+            raise SystemExit(f"request {index}: {status} {answer[:200]!r}")
+
+    tasks = []
+    for index in range(len(bodies)):
+        due = start + index / rate
+        delay = due - clock()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(one(index, due)))
+    await asyncio.gather(*tasks)
+    elapsed = clock() - start
+    while not pool.empty():
+        pool.get_nowait().writer.close()
+    return elapsed, latencies
+
+
 def start_server(root: Path, token_file: Path) -> tuple[subprocess.Popen[bytes], int]:
     exe = Path(sys.executable).with_name("orxaq-autonomy")
     subprocess.run([exe, "--root", root, "mesh-init", "--node-id", "bench"], check=True,
                    capture_output=True)
     proc = subprocess.Popen(
-        [exe, "--root", root, "mesh-serve", "--port", "0", "--json", "--rate-limit", "0",
+        [exe, "--root", root, "mesh-serve", "--port", "0", "--json", "--rate-limit", "0", *EXTRA,
          "--token-file", token_file],
         stdout=subprocess.PIPE,
     )
@@ -96,6 +132,7 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--rate", type=int, default=2000, help="paced phase, requests/s")
     parser.add_argument("--batch-events", type=int, default=200_000)
     parser.add_argument("--batch-size", type=int, default=1000)
     args = parser.parse_args()
@@ -132,6 +169,15 @@ def main() -> None:
                   f"{percentile(lat, 0.5) * 1e3:.2f} ms, p95 {percentile(lat, 0.95) * 1e3:.2f}"
                   f" ms, p99 {percentile(lat, 0.99) * 1e3:.2f} ms")
 
+            paced = [
+                orjson.dumps({"type": "ci.result", "source": "bench", "payload": {"paced": i}})
+                for i in range(args.rate * 5)
+            ]
+            elapsed, lat = asyncio.run(drive_at_rate(port, token, paced, args.rate, 64))
+            print(f"paced POST /events at {args.rate:,}/s for 5 s: {len(paced) / elapsed:,.0f} "
+                  f"req/s done; latency p50 {percentile(lat, 0.5) * 1e3:.2f} ms, p95 "
+                  f"{percentile(lat, 0.95) * 1e3:.2f} ms, p99 {percentile(lat, 0.99) * 1e3:.2f} ms")
+
             size = args.batch_size
             batches = [
                 orjson.dumps([{"topic": "load", "event_type": "batch",
@@ -147,7 +193,7 @@ def main() -> None:
             proc.terminate()
             proc.wait(30)
         total = sum(1 for _ in open(root / "artifacts/autonomy/event_mesh/events.ndjson", "rb"))
-        expected = 500 + args.requests + len(batches) * size
+        expected = 500 + args.requests + len(paced) + len(batches) * size
         print(f"log holds {total} events (sent {expected})")
         assert total == expected
 

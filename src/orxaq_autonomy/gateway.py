@@ -8,10 +8,10 @@
     GET  /readiness       whether it can take writes, and on what that is based
     GET  /metrics         Prometheus text (metrics.py)
 
-A write is answered only after its event is durably in the log. Concurrent writes are
-appended by one committer thread in groups: each group is one write, one fsync and one
-index commit, so many requests share the cost of a flush (group commit) and the event loop
-never waits on the disk. Reads run on a reader thread of their own for the same reason.
+A write is answered only after its event is durably in the log. A writer process appends
+concurrent writes in groups (writer.py), so that many requests share each flush and the
+event loop never waits on the disk or on the writer's CPU. Reads run on a reader thread of
+their own for the same reason.
 
 Security, in the order a request meets it: per-client rate limit (429 with Retry-After);
 the bearer token, compared in constant time before any body is read (no token configured:
@@ -23,11 +23,12 @@ from __future__ import annotations
 import asyncio
 import hmac
 import ipaddress
+import itertools
 import math
 import os
-import queue
 import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -36,7 +37,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, TypeVar
 
 import orjson
 from starlette.applications import Starlette
@@ -46,7 +47,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .envelope import Draft
-from .errors import BadInput, EventTooLarge, MeshError, UnknownEvent
+from .errors import BadInput, EventTooLarge, MeshError, OperationFailed, UnknownEvent
 from .intake import InvalidField, draft_from_request, drafts_from_batch
 from .log import Appended
 from .mesh import Mesh
@@ -55,7 +56,6 @@ from .metrics import GatewayMetrics
 T = TypeVar("T")
 
 SINGLE_BODY_LIMIT = 2 * 1024 * 1024  # one event is at most 1 MiB serialised
-GROUP_LIMIT = 20_000  # events appended per group commit at most
 TOKEN_ENV = "ORXAQ_AUTONOMY_SERVE_TOKEN"
 MIN_TOKEN_CHARS = 16
 
@@ -158,20 +158,12 @@ class RateLimiter:
         return (1 - bucket[0]) / self.rate
 
 
-# --- group commit --------------------------------------------------------------------------
-
-
-class _Submission(NamedTuple):
-    drafts: list[Draft]
-    future: asyncio.Future[list[Appended]]
-    loop: asyncio.AbstractEventLoop
+# --- the writer process ---------------------------------------------------------------------
 
 
 class Committer:
-    """One thread that appends what requests submit, many requests per append.
-
-    A request's drafts are all-or-nothing: if a group fails on one request's input, each
-    request of the group is appended on its own so that only the bad one fails."""
+    """The gateway's side of the writer process (writer.py): submits drafts, awaits answers.
+    If the writer dies, waiting and later writes get 503 and readiness says why."""
 
     def __init__(
         self,
@@ -184,121 +176,93 @@ class Committer:
         self.metrics = metrics
         self.max_queued = max_queued
         self.on_commit = on_commit
-        self._queue: queue.SimpleQueue[_Submission | None] = queue.SimpleQueue()
-        self._queued = 0
-        self._count_lock = threading.Lock()
-        self._thread = threading.Thread(target=self._run, name="mesh-committer", daemon=True)
+        self.queued = 0  # events submitted and not yet answered
         self.failure: str | None = None
+        self._waiting: dict[int, asyncio.Future[list[Appended]]] = {}
+        self._ids = itertools.count(1)
+        self._process: subprocess.Popen[bytes] | None = None
+        self._stream: asyncio.StreamWriter | None = None
+        self._answers: asyncio.Task[None] | None = None
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._process is not None and self._process.poll() is None and not self.failure
 
-    @property
-    def queued(self) -> int:
-        return self._queued
+    async def start(self) -> None:
+        from .writer import spec
 
-    def start(self) -> None:
-        self._thread.start()
+        ours, theirs = socket.socketpair()
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "orxaq_autonomy.writer", str(theirs.fileno()), spec(self.mesh)],
+            pass_fds=[theirs.fileno()],
+        )
+        theirs.close()
+        reader, self._stream = await asyncio.open_unix_connection(sock=ours)
+        self._answers = asyncio.ensure_future(self._read_answers(reader))
 
-    def stop(self) -> None:
-        """Append everything already submitted, then end the thread."""
-        if self._thread.is_alive():
-            self._queue.put(None)
-            self._thread.join()
+    async def stop(self) -> None:
+        """Let the writer append everything submitted, then wait for it to exit."""
+        if self._stream is not None:
+            self._stream.write_eof()
+        if self._answers is not None:
+            await self._answers
+        if self._process is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._process.wait)
+        if self._stream is not None:
+            self._stream.close()
 
     async def submit(self, drafts: list[Draft]) -> list[Appended]:
-        if not self.alive:
-            raise HTTPError(503, f"the committer is not running: {self.failure or 'stopped'}")
-        with self._count_lock:
-            if self._queued + len(drafts) > self.max_queued:
-                raise HTTPError(
-                    503,
-                    f"{self._queued} events are waiting for the disk; try again shortly",
-                    headers={"Retry-After": "1"},
-                )
-            self._queued += len(drafts)
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[list[Appended]] = loop.create_future()
-        self._queue.put(_Submission(drafts, future, loop))
-        return await future
+        if not self.alive or self._stream is None:
+            raise HTTPError(503, f"the writer is not running: {self.failure or 'stopped'}")
+        if self.queued + len(drafts) > self.max_queued:
+            raise HTTPError(
+                503,
+                f"{self.queued} events are waiting for the disk; try again shortly",
+                headers={"Retry-After": "1"},
+            )
+        from .writer import frame
 
-    def _run(self) -> None:
+        number = next(self._ids)
+        future: asyncio.Future[list[Appended]] = asyncio.get_running_loop().create_future()
+        self._waiting[number] = future
+        self.queued += len(drafts)
+        self._stream.write(frame([number, [tuple(d) for d in drafts]]))
         try:
-            stopping = False
-            while not stopping:
-                first = self._queue.get()
-                if first is None:
-                    break
-                group, events = [first], len(first.drafts)
-                while events < GROUP_LIMIT:
-                    try:
-                        item = self._queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    if item is None:
-                        stopping = True
-                        break
-                    group.append(item)
-                    events += len(item.drafts)
-                self._commit(group, events)
-        except BaseException as exc:  # pragma: no cover - a bug; refuse writes from now on
-            self.failure = f"{type(exc).__name__}: {exc}"
-            raise
+            return await future
         finally:
-            self.mesh.close()
+            self.queued -= len(drafts)
 
-    def _commit(self, group: list[_Submission], events: int) -> None:
-        outcomes: list[tuple[_Submission, list[Appended] | BaseException]] = []
+    async def _read_answers(self, reader: asyncio.StreamReader) -> None:
+        from .writer import ERROR_KINDS, HEADER
+
         try:
-            results = self.mesh.publish_drafts([d for s in group for d in s.drafts])
-            position = 0
-            for submission in group:
-                size = len(submission.drafts)
-                outcomes.append((submission, results[position : position + size]))
-                position += size
-            self.metrics.group_size.observe(events)
-        except BadInput as exc:
-            if len(group) == 1:
-                outcomes = [(group[0], exc)]
-            else:  # find the request at fault: the others go in on their own
-                for submission in group:
-                    try:
-                        outcomes.append((submission, self.mesh.publish_drafts(submission.drafts)))
-                    except Exception as one:
-                        outcomes.append((submission, one))
-        except Exception as exc:  # the disk or the index failed: every request of the group
-            outcomes = [(submission, exc) for submission in group]
-        with self._count_lock:
-            self._queued -= events
-        fresh = sum(
-            1
-            for _, result in outcomes
-            if isinstance(result, list)
-            for r in result
-            if not r.duplicate
-        )
-        self.metrics.published.inc(fresh)
-        self.metrics.duplicates.inc(
-            sum(len(result) for _, result in outcomes if isinstance(result, list)) - fresh
-        )
-        if fresh:
-            self.on_commit()
-        by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
-        for submission, result in outcomes:
-            by_loop.setdefault(submission.loop, []).append((submission.future, result))
-        for loop, settled in by_loop.items():
-            loop.call_soon_threadsafe(_settle, settled)
-
-
-def _settle(settled: list[tuple[asyncio.Future[list[Appended]], Any]]) -> None:
-    for future, result in settled:
-        if future.done():  # the client went away; its events are in the log all the same
-            continue
-        if isinstance(result, BaseException):
-            future.set_exception(result)
-        else:
-            future.set_result(result)
+            while True:
+                (size,) = HEADER.unpack(await reader.readexactly(HEADER.size))
+                number, group, status, *rest = orjson.loads(await reader.readexactly(size))
+                if group:
+                    self.metrics.group_size.observe(group)
+                future = self._waiting.pop(number)
+                if status == "error":
+                    kind, message = rest
+                    future.set_exception(ERROR_KINDS.get(kind, OperationFailed)(message))
+                    continue
+                results = [Appended(*r) for r in rest[0]]
+                fresh = sum(1 for r in results if not r.duplicate)
+                self.metrics.published.inc(fresh)
+                self.metrics.duplicates.inc(len(results) - fresh)
+                if fresh:
+                    self.on_commit()
+                if not future.done():  # the client may have gone; its events are in the log
+                    future.set_result(results)
+        except asyncio.IncompleteReadError:
+            self.failure = self.failure or "the writer process exited"
+        except Exception as exc:  # pragma: no cover - a protocol bug
+            self.failure = f"{type(exc).__name__}: {exc}"
+        finally:
+            for future in self._waiting.values():
+                if not future.done():
+                    future.set_exception(HTTPError(503, f"the writer failed: {self.failure}"))
+            self._waiting.clear()
 
 
 # --- background dispatch -------------------------------------------------------------------
@@ -332,7 +296,7 @@ class DispatchLoop:
         try:
             while not self._stop.is_set():
                 self.wake.wait(self.every)
-                if self._stop.wait(0.05):  # let a burst of commits gather first
+                if self._stop.wait(0.25):  # let a burst of commits gather first
                     break
                 self.wake.clear()
                 try:
@@ -365,7 +329,7 @@ class Gateway:
             else None
         )
         self.committer = Committer(
-            Mesh(mesh.layout, mesh.identity),
+            mesh,
             self.metrics,
             settings.max_queued_events,
             self.dispatch.wake.set if self.dispatch else (lambda: None),
@@ -386,16 +350,17 @@ class Gateway:
 
     # --- lifecycle --------------------------------------------------------------------
 
-    def start(self) -> None:
-        self.committer.start()
+    async def start(self) -> None:
+        await self.committer.start()
         if self.dispatch:
             self.dispatch.start()
 
-    def stop(self) -> None:
-        self.committer.stop()
+    async def stop(self) -> None:
+        await self.committer.stop()
+        loop = asyncio.get_running_loop()
         if self.dispatch:
-            self.dispatch.stop()
-        self._reads.submit(self.reader.close).result()
+            await loop.run_in_executor(None, self.dispatch.stop)
+        await loop.run_in_executor(self._reads, self.reader.close)
         self._reads.shutdown()
 
     def _lifespan(self, app: Starlette) -> Any:
@@ -403,10 +368,10 @@ class Gateway:
 
         class _Span:
             async def __aenter__(self) -> None:
-                gateway.start()
+                await gateway.start()
 
             async def __aexit__(self, *exc: object) -> None:
-                await asyncio.get_running_loop().run_in_executor(None, gateway.stop)
+                await gateway.stop()
 
         return _Span()
 
@@ -589,8 +554,9 @@ class Gateway:
         found = await self._read(checks)
         found["committer"] = {
             "ok": self.committer.alive and self.committer.queued < self.settings.max_queued_events,
-            "detail": f"{'running' if self.committer.alive else 'stopped'}, "
-            f"{self.committer.queued} events waiting",
+            "detail": f"writer process {'running' if self.committer.alive else 'stopped'}"
+            + (f" ({self.committer.failure})" if self.committer.failure else "")
+            + f", {self.committer.queued} events waiting",
         }
         if self.dispatch is not None:
             found["dispatch"] = {
