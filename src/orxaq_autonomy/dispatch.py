@@ -415,6 +415,8 @@ class Dispatcher:
                         blocked.add((binding.name, entry.partition_key))
                 else:
                     drafts.extend(outcome)
+        if not count and not drafts and only is None:
+            return budget  # nothing new: leave the state file alone (an idle loop writes nothing)
         if only:
             if stalled:
                 pass  # lagging[only] already points at the event it could not run
