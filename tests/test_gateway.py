@@ -12,7 +12,6 @@ from typing import Any
 
 import httpx
 import orjson
-import pytest
 
 from conftest import log_lines, snapshot
 from orxaq_autonomy import Mesh
@@ -121,20 +120,20 @@ def test_bad_input_is_a_clear_error_and_writes_nothing(root: Path) -> None:
 
 
 def test_oversize_bodies_and_events_are_413(root: Path) -> None:
-    with serving(root, "--dispatch-every", "0", "--max-body", "100000") as server:
-        with server.client() as http:
-            before = snapshot(root)
-            huge = (
-                b'{"topic": "ci", "event_type": "x", "payload": {"b": "' + b"x" * (3 << 20) + b'"}}'
-            )
-            assert http.post("/events", content=huge).status_code == 413
-            # under the body limit, but the sealed event would pass 1 MiB
-            big = {"topic": "ci", "event_type": "x", "payload": {"b": "y" * ((1 << 20) - 100)}}
-            answer = http.post("/events", json=big)
-            assert answer.status_code == 413 and "too large" in answer.json()["error"]["message"]
-            batch = [{"topic": "ci", "event_type": "x", "payload": {"i": "z" * 1000}}] * 200
-            assert http.post("/events/batch", json=batch).status_code == 413
-            assert snapshot(root) == before
+    with (
+        serving(root, "--dispatch-every", "0", "--max-body", "100000") as server,
+        server.client() as http,
+    ):
+        before = snapshot(root)
+        huge = b'{"topic": "ci", "event_type": "x", "payload": {"b": "' + b"x" * (3 << 20) + b'"}}'
+        assert http.post("/events", content=huge).status_code == 413
+        # under the body limit, but the sealed event would pass 1 MiB
+        big = {"topic": "ci", "event_type": "x", "payload": {"b": "y" * ((1 << 20) - 100)}}
+        answer = http.post("/events", json=big)
+        assert answer.status_code == 413 and "too large" in answer.json()["error"]["message"]
+        batch = [{"topic": "ci", "event_type": "x", "payload": {"i": "z" * 1000}}] * 200
+        assert http.post("/events/batch", json=batch).status_code == 413
+        assert snapshot(root) == before
 
 
 def test_the_token_is_checked_before_the_body_is_read(root: Path) -> None:
@@ -178,16 +177,18 @@ def test_without_a_token_writes_are_refused_and_only_loopback_is_served(root: Pa
 
 
 def test_rate_limit_answers_429_with_retry_after(root: Path) -> None:
-    with serving(root, "--dispatch-every", "0", "--rate-limit", "2", "--burst", "3") as server:
-        with server.client() as http:
-            codes = [http.get("/events").status_code for _ in range(5)]
-            assert codes[:3] == [200, 200, 200] and codes[3] == 429
-            limited = http.get("/events")
-            assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
-            assert http.get("/healthz").status_code == 200  # probes are never limited
-            time.sleep(1.1)
-            assert http.get("/events").status_code == 200  # the bucket refills
-            assert "orxaq_http_rate_limited_total 3.0" in http.get("/metrics").text
+    with (
+        serving(root, "--dispatch-every", "0", "--rate-limit", "2", "--burst", "3") as server,
+        server.client() as http,
+    ):
+        codes = [http.get("/events").status_code for _ in range(5)]
+        assert codes[:3] == [200, 200, 200] and codes[3] == 429
+        limited = http.get("/events")
+        assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+        assert http.get("/healthz").status_code == 200  # probes are never limited
+        time.sleep(1.1)
+        assert http.get("/events").status_code == 200  # the bucket refills
+        assert "orxaq_http_rate_limited_total 3.0" in http.get("/metrics").text
 
 
 def test_batches_are_all_or_nothing(root: Path) -> None:
