@@ -4,7 +4,8 @@
 set -euo pipefail
 
 demo=$(mktemp -d "${TMPDIR:-/tmp}/orxaq-demo.XXXXXX")
-trap 'rm -rf "$demo"' EXIT
+server=""
+trap '[ -n "$server" ] && kill "$server" 2>/dev/null; rm -rf "$demo"' EXIT
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 run() { printf '\033[2m$ orxaq-autonomy --root %s %s\033[0m\n' "$1" "${*:2}"; \
         orxaq-autonomy --root "$demo/$1" "${@:2}"; }
@@ -38,6 +39,50 @@ run node-b mesh-publish --topic monitoring --event-type heartbeat.changed
 for i in $(seq 1 1000); do
   printf '{"topic":"ci","event_type":"job.finished","payload":{"job":%d}}\n' "$i"
 done | run node-c mesh-publish --stdin
+
+say "node-a opens its HTTP front door (mesh-serve; the token comes from the environment)"
+export ORXAQ_AUTONOMY_SERVE_TOKEN
+ORXAQ_AUTONOMY_SERVE_TOKEN=$(python3 -c 'import secrets; print(secrets.token_urlsafe(24))')
+orxaq-autonomy --root "$demo/node-a" mesh-serve --port 0 --json >"$demo/serve.json" &
+server=$!
+for _ in $(seq 100); do [ -s "$demo/serve.json" ] && break; sleep 0.1; done
+python3 - "$demo/serve.json" <<'PY'
+import json, os, sys, urllib.error, urllib.request
+
+url = json.load(open(sys.argv[1]))["url"]
+auth = {"Authorization": "Bearer " + os.environ["ORXAQ_AUTONOMY_SERVE_TOKEN"]}
+
+def call(method, path, body=None, headers=auth):
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url + path, data, headers, method=method)
+    try:
+        with urllib.request.urlopen(request) as answer:
+            return answer.status, answer.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+def show(method, path, body=None, headers=auth):
+    status, text = call(method, path, body, headers)
+    print(f"  {method} {path} -> {status} {text[:150]}{'...' if len(text) > 150 else ''}")
+
+print(f"  listening on {url}")
+show("POST", "/events", {"type": "ci.result", "source": "jenkins", "payload": {"ok": True}})
+cloud = {"specversion": "1.0", "id": "run-7", "source": "/ci/gha", "type": "ci.build.finished",
+         "subject": "repo-1", "data": {"ok": False}}
+show("POST", "/events", cloud)
+show("POST", "/events", cloud)  # same CloudEvents source and id: a duplicate
+show("POST", "/events", {"topic": "ci", "event_type": "x", "payload": {"token": "hunter2"}})
+show("POST", "/events", {"type": "ci.result"}, headers={})
+batch = [{"topic": "ci", "event_type": "job.finished", "payload": {"job": i}} for i in range(100)]
+status, text = call("POST", "/events/batch", batch)
+print(f"  POST /events/batch (100 events) -> {status} published {json.loads(text)['published']}")
+show("GET", "/events?match=ci.build.%23&limit=1")
+status, text = call("GET", "/metrics")
+for line in text.splitlines():
+    if line.startswith(("orxaq_gateway_events_published_total", "orxaq_log_events ")):
+        print("  /metrics:", line)
+PY
+kill -TERM "$server" && wait "$server" && server=""
 
 say "everyone syncs twice: pull, import, dispatch, export, commit, push"
 for round in 1 2; do

@@ -84,9 +84,11 @@ def serving(root: Path, *args: str, token: bool = True) -> Iterator[Server]:
     server = Server(proc, info["url"], value, root)
     try:
         yield server
+        if proc.poll() is None:
+            assert server.stop() == 0, "a SIGTERMed mesh-serve shuts down cleanly, exit 0"
     finally:
         if proc.poll() is None:
-            server.stop()
+            server.stop(signal.SIGKILL)
         for stream in (proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()

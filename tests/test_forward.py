@@ -82,8 +82,13 @@ def test_failed_deliveries_wait_durably_and_arrive_once_the_receiver_recovers(
     assert first["headers"]["x-team"] == "infra"
     assert first["headers"]["x-orxaq-routing-key"] == "ci.build.done"
     assert first["body"] == mesh.get(sent[0])
-    stats = cli("--root", str(root), "mesh-status", "--json").json()["dispatch"]["stats"]
-    assert stats["forward:hook"] == {"failed": 6, "ok": 3}
+    status = cli("--root", str(root), "mesh-status", "--json").json()
+    assert status["dispatch"]["stats"]["forward:hook"] == {"failed": 6, "ok": 3}
+    assert status["forwarding"] == {
+        "hook": {"delivered": 3, "failed_attempts": 6, "pending": 0, "dead_letters": 0}
+    }
+    human = cli("--root", str(root), "mesh-status").out
+    assert "forward     hook: 3 delivered, 0 pending, 6 failed attempts, 0 dead letters" in human
 
 
 def test_spent_attempts_are_dead_lettered_and_can_be_retried(mesh: Mesh, cli: Runner) -> None:

@@ -326,6 +326,12 @@ def mesh_status(as_json: JsonOpt = False) -> None:
         f"quarantined {status['quarantined']['incidents']} incidents"
         + (f" in {status['quarantined']['dir']}" if status["quarantined"]["incidents"] else ""),
     ]
+    for consumer, counts in status["forwarding"].items():
+        lines.append(
+            f"forward     {consumer}: {counts['delivered']} delivered, {counts['pending']} "
+            f"pending, {counts['failed_attempts']} failed attempts, "
+            f"{counts['dead_letters']} dead letters"
+        )
     for node_id, info in status["nodes"].items():
         lines.append(f"  manifest  {node_id}: head seq {info['head'].get('seq', 0)}")
     _emit(as_json, status, "\n".join(lines))

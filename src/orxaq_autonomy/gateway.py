@@ -27,6 +27,7 @@ import itertools
 import math
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -665,4 +666,21 @@ def serve(gateway: Gateway, sock: socket.socket) -> None:
         server_header=False,
         timeout_graceful_shutdown=10,
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    # uvicorn re-raises the stop signal after its graceful shutdown, which would end the
+    # process "killed by SIGTERM". A signal is how a server is asked to stop: exit 0 instead.
+    previous = {sig: signal.signal(sig, _stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except _Stopped:
+        pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+class _Stopped(Exception):
+    pass
+
+
+def _stopped(signum: int, frame: Any) -> None:
+    raise _Stopped

@@ -259,6 +259,7 @@ class Mesh:
         manifests = self.manifests()
         exported = manifests.get(self.node_id, {}).get("head", {}).get("seq", 0)
         quarantine = sorted(p.name for p in self.layout.quarantine_dir.glob("*.ndjson"))
+        dispatch = self._dispatch_status(tail.count)
         return {
             "node_id": self.node_id,
             "root": str(self.layout.root),
@@ -279,7 +280,8 @@ class Mesh:
                 }
                 for node_id, m in sorted(manifests.items())
             },
-            "dispatch": self._dispatch_status(tail.count),
+            "dispatch": dispatch,
+            "forwarding": _forwarding(dispatch),
             "quarantined": {
                 "incidents": tail.quarantined,
                 "files": quarantine,
@@ -340,3 +342,24 @@ class Mesh:
             if isinstance(data, dict) and data.get("node_id") == path.stem:
                 found[path.stem] = data
         return found
+
+
+def _forwarding(dispatch: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Per webhook consumer: deliveries made, failed attempts, waiting, dead-lettered."""
+    from .forward import FORWARD_PREFIX
+
+    names = {
+        name
+        for table in ("stats", "pending_by_handler", "dead_by_handler")
+        for name in dispatch[table]
+        if name.startswith(FORWARD_PREFIX)
+    }
+    return {
+        name.removeprefix(FORWARD_PREFIX): {
+            "delivered": dispatch["stats"].get(name, {}).get("ok", 0),
+            "failed_attempts": dispatch["stats"].get(name, {}).get("failed", 0),
+            "pending": dispatch["pending_by_handler"].get(name, 0),
+            "dead_letters": dispatch["dead_by_handler"].get(name, 0),
+        }
+        for name in sorted(names)
+    }

@@ -21,8 +21,6 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from .forward import FORWARD_PREFIX
-
 if TYPE_CHECKING:
     from .mesh import Mesh
 
@@ -129,17 +127,21 @@ class NodeCollector(Collector):
             letters.add_metric([name], count)
         yield letters
         delivered = _consumer_counter("orxaq_forward_delivered", "Webhook deliveries accepted.")
-        failures = _consumer_counter("orxaq_forward_failures", "Webhook deliveries that failed.")
+        failures = _consumer_counter(
+            "orxaq_forward_failures", "Webhook delivery attempts that failed."
+        )
         waiting = GaugeMetricFamily(
             "orxaq_forward_pending", "Deliveries waiting to be retried.", labels=["consumer"]
         )
-        for name, stats in sorted(dispatch["stats"].items()):
-            if name.startswith(FORWARD_PREFIX):
-                consumer = name[len(FORWARD_PREFIX) :]
-                delivered.add_metric([consumer], stats.get("ok", 0))
-                failures.add_metric([consumer], stats.get("failed", 0))
-                waiting.add_metric([consumer], dispatch["pending_by_handler"].get(name, 0))
-        yield from (delivered, failures, waiting)
+        dead_forward = GaugeMetricFamily(
+            "orxaq_forward_dead_letters", "Deliveries dead-lettered.", labels=["consumer"]
+        )
+        for consumer, counts in status["forwarding"].items():
+            delivered.add_metric([consumer], counts["delivered"])
+            failures.add_metric([consumer], counts["failed_attempts"])
+            waiting.add_metric([consumer], counts["pending"])
+            dead_forward.add_metric([consumer], counts["dead_letters"])
+        yield from (delivered, failures, waiting, dead_forward)
         yield _gauge(
             "orxaq_import_rejected",
             "Ledger files refused by the last imports (import_rejected.json).",
