@@ -112,11 +112,24 @@ async def drive_at_rate(
 
 def start_server(root: Path, token_file: Path) -> tuple[subprocess.Popen[bytes], int]:
     exe = Path(sys.executable).with_name("orxaq-autonomy")
-    subprocess.run([exe, "--root", root, "mesh-init", "--node-id", "bench"], check=True,
-                   capture_output=True)
+    subprocess.run(
+        [exe, "--root", root, "mesh-init", "--node-id", "bench"], check=True, capture_output=True
+    )
     proc = subprocess.Popen(
-        [exe, "--root", root, "mesh-serve", "--port", "0", "--json", "--rate-limit", "0", *EXTRA,
-         "--token-file", token_file],
+        [
+            exe,
+            "--root",
+            root,
+            "mesh-serve",
+            "--port",
+            "0",
+            "--json",
+            "--rate-limit",
+            "0",
+            *EXTRA,
+            "--token-file",
+            token_file,
+        ],
         stdout=subprocess.PIPE,
     )
     assert proc.stdout is not None
@@ -150,13 +163,20 @@ def main() -> None:
         os.chmod(token_file, 0o600)
         proc, port = start_server(root, token_file)
         try:
-            warm = [orjson.dumps({"topic": "warm", "event_type": "up", "payload": {"i": i}})
-                    for i in range(500)]
+            warm = [
+                orjson.dumps({"topic": "warm", "event_type": "up", "payload": {"i": i}})
+                for i in range(500)
+            ]
             asyncio.run(drive(port, token, warm, "/events", args.concurrency))
 
             bodies = [
-                orjson.dumps({"type": "ci.result", "source": "bench",
-                              "payload": {"run": i, "ok": i % 7 != 0, "job": "build"}})
+                orjson.dumps(
+                    {
+                        "type": "ci.result",
+                        "source": "bench",
+                        "payload": {"run": i, "ok": i % 7 != 0, "job": "build"},
+                    }
+                )
                 for i in range(args.requests)
             ]
             elapsed, lat, answers = asyncio.run(
@@ -164,35 +184,46 @@ def main() -> None:
             )
             ids = {orjson.loads(a)["event_id"] for a in answers}
             assert len(ids) == args.requests, "duplicate or missing ids"
-            print(f"single POST /events: {args.requests} requests, concurrency "
-                  f"{args.concurrency}: {args.requests / elapsed:,.0f} req/s; latency p50 "
-                  f"{percentile(lat, 0.5) * 1e3:.2f} ms, p95 {percentile(lat, 0.95) * 1e3:.2f}"
-                  f" ms, p99 {percentile(lat, 0.99) * 1e3:.2f} ms")
+            print(
+                f"single POST /events: {args.requests} requests, concurrency "
+                f"{args.concurrency}: {args.requests / elapsed:,.0f} req/s; latency p50 "
+                f"{percentile(lat, 0.5) * 1e3:.2f} ms, p95 {percentile(lat, 0.95) * 1e3:.2f}"
+                f" ms, p99 {percentile(lat, 0.99) * 1e3:.2f} ms"
+            )
 
             paced = [
                 orjson.dumps({"type": "ci.result", "source": "bench", "payload": {"paced": i}})
                 for i in range(args.rate * 5)
             ]
             elapsed, lat = asyncio.run(drive_at_rate(port, token, paced, args.rate, 64))
-            print(f"paced POST /events at {args.rate:,}/s for 5 s: {len(paced) / elapsed:,.0f} "
-                  f"req/s done; latency p50 {percentile(lat, 0.5) * 1e3:.2f} ms, p95 "
-                  f"{percentile(lat, 0.95) * 1e3:.2f} ms, p99 {percentile(lat, 0.99) * 1e3:.2f} ms")
+            print(
+                f"paced POST /events at {args.rate:,}/s for 5 s: {len(paced) / elapsed:,.0f} "
+                f"req/s done; latency p50 {percentile(lat, 0.5) * 1e3:.2f} ms, p95 "
+                f"{percentile(lat, 0.95) * 1e3:.2f} ms, p99 {percentile(lat, 0.99) * 1e3:.2f} ms"
+            )
 
             size = args.batch_size
             batches = [
-                orjson.dumps([{"topic": "load", "event_type": "batch",
-                               "payload": {"b": b, "i": i}} for i in range(size)])
+                orjson.dumps(
+                    [
+                        {"topic": "load", "event_type": "batch", "payload": {"b": b, "i": i}}
+                        for i in range(size)
+                    ]
+                )
                 for b in range(args.batch_events // size)
             ]
             elapsed, lat, _ = asyncio.run(drive(port, token, batches, "/events/batch", 4))
             events = len(batches) * size
-            print(f"batch POST /events/batch: {events} events in {len(batches)} requests of "
-                  f"{size}, concurrency 4: {events / elapsed:,.0f} events/s; latency p50 "
-                  f"{percentile(lat, 0.5) * 1e3:.1f} ms, p95 {percentile(lat, 0.95) * 1e3:.1f} ms")
+            print(
+                f"batch POST /events/batch: {events} events in {len(batches)} requests of "
+                f"{size}, concurrency 4: {events / elapsed:,.0f} events/s; latency p50 "
+                f"{percentile(lat, 0.5) * 1e3:.1f} ms, p95 {percentile(lat, 0.95) * 1e3:.1f} ms"
+            )
         finally:
             proc.terminate()
             proc.wait(30)
-        total = sum(1 for _ in open(root / "artifacts/autonomy/event_mesh/events.ndjson", "rb"))
+        with open(root / "artifacts/autonomy/event_mesh/events.ndjson", "rb") as log:
+            total = sum(1 for _ in log)
         expected = 500 + args.requests + len(paced) + len(batches) * size
         print(f"log holds {total} events (sent {expected})")
         assert total == expected
