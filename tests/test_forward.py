@@ -196,3 +196,71 @@ def test_mesh_serve_forwards_what_it_accepts(tmp_path: Path) -> None:
                 time.sleep(0.1)
             assert 'orxaq_forward_delivered_total{consumer="hook"} 10.0' in metrics
             assert 'orxaq_forward_pending{consumer="hook"} 0.0' in metrics
+
+
+def test_a_consumer_that_refuses_everything_does_not_feed_itself(mesh: Mesh) -> None:
+    """Review of issue 6: with match "#", the dead-letter notice of a refused delivery
+    matched the same consumer, was refused in turn, and so on without end."""
+    root = mesh.layout.root
+    with receiving("reject") as receiver:
+        (root / "state/event_mesh/config.toml").write_text(
+            f'[[forward]]\nname = "all"\nurl = "{receiver.url}?token=s3cr3t-in-query"\n'
+        )
+        sent = mesh.publish("ci", "build.done", {"n": 1}).event_id
+        Dispatcher(mesh).run()
+        Dispatcher(mesh).run()
+    assert receiver.attempts == 2  # the event, then its notice; nothing more
+    (notice,) = mesh.events(match="mesh.dispatch.dead_lettered")
+    assert notice["causation_id"] == sent
+    assert "s3cr3t" not in orjson.dumps(notice).decode()  # the URL's query stays out
+    assert mesh.status()["dispatch"]["dead_letters"] == 2
+    assert mesh.status()["dispatch"]["lag_events"] == 0
+
+
+def test_consumer_config_mistakes_are_refused_up_front(mesh: Mesh, cli: Runner) -> None:
+    root = mesh.layout.root
+    config = root / "state/event_mesh/config.toml"
+    for table, problem in (
+        ('url = "http://user:pw@example.com/hook"', "credentials in the url"),
+        ('url = "http://example.com:99999/hook"', "Port out of range"),
+        ('url = "ftp://example.com/hook"', "url"),
+        ('url = "http://e.com/h"\nheaders = { Idempotency-Key = "x" }', "set by the forwarder"),
+        ('url = "http://e.com/h"\nmatch = "a.#x"', "match"),
+    ):
+        config.write_text(f'[[forward]]\nname = "hook"\n{table}\n')
+        result = cli("--root", str(root), "mesh-dispatch")
+        assert result.code == 2 and problem in result.err, (table, result.err)
+
+
+def test_a_handler_error_that_looks_like_a_secret_is_withheld_from_the_ledger(
+    mesh: Mesh,
+) -> None:
+    root = mesh.layout.root
+    (root / "leaky.py").write_text(
+        "from orxaq_autonomy.handlers import Reject, handler\n"
+        "@handler('ci.#')\n"
+        "def leaky(event, ctx):\n"
+        "    raise Reject('login failed for AKIAIOSFODNN7EXAMPLE')\n"
+    )
+    (root / "state/event_mesh/config.toml").write_text('handlers = ["leaky.py"]\n')
+    mesh.publish("ci", "build.done", {"n": 1})
+    mesh.publish("ops", "later", {})
+    report = Dispatcher(mesh).run()
+    assert report.dead_lettered == 1 and report.lag_events == 0  # and dispatch went on
+    (notice,) = mesh.events(match="mesh.dispatch.dead_lettered")
+    assert notice["payload"]["error"] == "Reject (message withheld: see mesh-dlq list)"
+    (letter,) = Dispatcher(mesh).dead_letters()
+    assert "AKIAIOSFODNN7EXAMPLE" in letter["error"]  # kept in the node-private record
+
+
+def test_a_long_lived_dispatcher_sees_effects_another_process_began(mesh: Mesh) -> None:
+    """Review of issue 6: mesh-serve keeps one Dispatcher; a lane command begun by a cron
+    mesh-dispatch that then crashed must not run again from the server's dispatcher."""
+    event = mesh.get(mesh.publish("ops", "x", {}).event_id)
+    server_side = Dispatcher(mesh)
+    cron_side = Dispatcher(mesh)
+    assert cron_side.ctx.begin_effect("lane:start:1", event, "lanes") is True
+    server_side.run()
+    assert server_side.ctx.begin_effect("lane:start:1", event, "lanes") is False
+    seen = orjson.loads((mesh.layout.state_dir / "dispatch_seen.json").read_bytes())
+    assert "lane:start:1" in seen["in_flight"]

@@ -656,7 +656,7 @@ def mesh_serve(
     as_json: JsonOpt = False,
 ) -> None:
     """Serve the HTTP API (POST /events, GET /events, /metrics, ...) until interrupted."""
-    from .gateway import Gateway, Settings, listen, load_token, serve
+    from .gateway import TOKEN_ENV, Gateway, Settings, listen, load_token, serve
 
     if not 0 <= port <= 65535:
         _bad(f"bad --port {port}: need 0-65535")
@@ -666,6 +666,7 @@ def mesh_serve(
         _bad(f"bad --dispatch-every {dispatch_every}: need seconds >= 0")
     mesh = _open()
     token = load_token(token_file)
+    os.environ.pop(TOKEN_ENV, None)  # lane commands and handlers need not inherit it
     settings = Settings(
         token=token,
         rate_limit=rate_limit,

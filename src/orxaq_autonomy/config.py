@@ -8,6 +8,7 @@ import re
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -134,12 +135,30 @@ class Consumer(_Strict):
             raise ValueError(exc.message) from None
         return value
 
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        try:
+            parts.port  # noqa: B018 - raises for a port out of range
+        except ValueError as exc:
+            raise ValueError(f"bad url {value!r}: {exc}") from None
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("credentials in the url are refused; send them with headers_env")
+        return value
+
     @field_validator("headers", "headers_env")
     @classmethod
     def _header_names(cls, value: dict[str, str]) -> dict[str, str]:
+        from .forward import RESERVED_HEADERS
+
         for name, item in value.items():
-            if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", name) or "\n" in item:
+            if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", name) or re.search(
+                r"[\x00-\x1f\x7f]", item
+            ):
                 raise ValueError(f"bad header {name!r}")
+            if name.lower() in RESERVED_HEADERS:
+                raise ValueError(f"header {name!r} is set by the forwarder")
         return value
 
 

@@ -50,6 +50,7 @@ from .lanes import publish_lanes
 from .mesh import Mesh
 
 STATE_VERSION = 1
+DEAD_LETTERED = "mesh.dispatch.dead_lettered"
 TRACEBACK_TAIL_CHARS = 4000
 
 
@@ -290,6 +291,8 @@ class Dispatcher:
         if not lock.acquire(blocking=wait):
             return DispatchReport(skipped=True)
         try:
+            # another process may have begun an outside effect since this object was made
+            self._seen = self._load_seen()
             publish_lanes(self.layout, self.node_id, self.config)
             return self._run(max_events)
         finally:
@@ -514,18 +517,27 @@ class Dispatcher:
             record["partition_key"] = entry.partition_key
         self.dead_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.dead_dir / f"{event['event_id']}--{binding.name}.json", record)
-        notice = FollowUp(
-            "mesh",
-            "dispatch.dead_lettered",
-            {
+        if routing_key(event) == DEAD_LETTERED:
+            # A notice that could not be handled gets no notice of its own: a handler that
+            # fails on every event (a webhook that is down, say) would otherwise feed itself.
+            return []
+        key = f"dlq:{binding.name}:{event['event_id']}:{entry.generation}"
+
+        def notice(message: str) -> Draft:
+            payload = {
                 "event_id": event["event_id"],
                 "handler": binding.name,
-                "error": error,
+                "error": message,
                 "attempts": entry.attempts,
-            },
-            key=f"dlq:{binding.name}:{event['event_id']}:{entry.generation}",
-        )
-        return [("dispatcher", make_followup("dispatcher", event, notice))]
+            }
+            fu = FollowUp("mesh", "dispatch.dead_lettered", payload, key=key)
+            return make_followup("dispatcher", event, fu)
+
+        try:
+            draft = notice(error)
+        except BadInput:  # the error text looks like a secret: it stays in the local record
+            draft = notice(f"{type(exc).__name__} (message withheld: see mesh-dlq list)")
+        return [("dispatcher", draft)]
 
     def _commit(
         self, state: DispatchState, report: DispatchReport, drafts: list[tuple[str, Draft]]

@@ -255,8 +255,10 @@ def loads_json(raw: bytes | str) -> Any:
         raise ValueError(f"{name} is not JSON")
 
     try:
-        return json.loads(data, parse_int=checked, parse_constant=no_constants)
-    except ValueError as exc:
+        value = json.loads(data, parse_int=checked, parse_constant=no_constants)
+        orjson.dumps(value)  # what orjson would refuse (lone surrogates) is refused here too
+        return value
+    except (ValueError, TypeError, RecursionError) as exc:
         raise orjson.JSONDecodeError(str(exc), data.decode(errors="replace"), 0) from None
 
 

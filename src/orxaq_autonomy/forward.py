@@ -35,6 +35,19 @@ if TYPE_CHECKING:
 FORWARD_PREFIX = "forward:"
 PERMANENT_STATUSES = frozenset({400, 413, 415, 422})
 _USER_AGENT = "orxaq-autonomy-forwarder/1"
+_MAX_ANSWER = 64 * 1024  # the answer's body is not used; reading it keeps the connection
+RESERVED_HEADERS = frozenset(
+    {
+        "content-type",
+        "content-length",
+        "host",
+        "user-agent",
+        "idempotency-key",
+        "x-orxaq-event-id",
+        "x-orxaq-routing-key",
+        "x-orxaq-node",
+    }
+)
 
 
 class DeliveryFailed(Exception):
@@ -47,6 +60,9 @@ class Deliverer:
     def __init__(self, consumer: Consumer) -> None:
         self.consumer = consumer
         parts = urlsplit(consumer.url)
+        # Errors name the URL without its query: a token there must not reach a dead-letter
+        # notice, which is an event in the ledger.
+        self.where = f"{parts.scheme}://{parts.netloc}{parts.path}"
         self._https = parts.scheme == "https"
         self._host = parts.hostname or ""
         self._port = parts.port
@@ -68,7 +84,7 @@ class Deliverer:
         status = self._post(body, headers)
         if 200 <= status < 300:
             return
-        where = f"{self.consumer.url} answered {status}"
+        where = f"{self.where} answered {status}"
         if status in PERMANENT_STATUSES:
             raise Reject(f"{where}: the receiver refuses this event")
         raise DeliveryFailed(where)
@@ -96,23 +112,23 @@ class Deliverer:
             try:
                 self._conn.request("POST", self._path, body, headers)
                 response = self._conn.getresponse()
-                response.read()
-                if response.will_close:
-                    self.close()
+                response.read(_MAX_ANSWER)
+                if response.will_close or not response.isclosed():
+                    self.close()  # closed, or an answer too long to read: a fresh connection
                 return response.status
             except TimeoutError as exc:
                 self.close()
                 raise DeliveryFailed(
-                    f"{self.consumer.url}: no answer within {self.consumer.timeout:g}s"
+                    f"{self.where}: no answer within {self.consumer.timeout:g}s"
                 ) from exc
             except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
                 self.close()
                 if fresh:
-                    raise DeliveryFailed(f"{self.consumer.url}: connection dropped") from None
+                    raise DeliveryFailed(f"{self.where}: connection dropped") from None
             except (OSError, http.client.HTTPException) as exc:
                 self.close()
-                raise DeliveryFailed(f"{self.consumer.url}: {exc}") from None
-        raise DeliveryFailed(f"{self.consumer.url}: connection dropped")  # pragma: no cover
+                raise DeliveryFailed(f"{self.where}: {exc}") from None
+        raise DeliveryFailed(f"{self.where}: connection dropped")  # pragma: no cover
 
     def close(self) -> None:
         if self._conn is not None:

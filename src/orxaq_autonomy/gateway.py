@@ -21,11 +21,13 @@ writes are refused; tokens in the query string are refused); the body limit (413
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import ipaddress
 import itertools
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -58,6 +60,7 @@ T = TypeVar("T")
 
 SINGLE_BODY_LIMIT = 2 * 1024 * 1024  # one event is at most 1 MiB serialised
 TOKEN_ENV = "ORXAQ_AUTONOMY_SERVE_TOKEN"
+_DIGITS = re.compile(r"[0-9]{1,12}")
 MIN_TOKEN_CHARS = 16
 
 
@@ -201,14 +204,20 @@ class Committer:
         reader, self._stream = await asyncio.open_unix_connection(sock=ours)
         self._answers = asyncio.ensure_future(self._read_answers(reader))
 
-    async def stop(self) -> None:
-        """Let the writer append everything submitted, then wait for it to exit."""
-        if self._stream is not None:
+    async def stop(self, timeout: float = 60) -> None:
+        """Let the writer append everything submitted, then wait for it to exit (and kill
+        it if it has not within `timeout`: what it had not committed is not acknowledged)."""
+        if self._stream is not None and not self._stream.is_closing():
             self._stream.write_eof()
         if self._answers is not None:
-            await self._answers
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(self._answers), timeout)
         if self._process is not None:
-            await asyncio.get_running_loop().run_in_executor(None, self._process.wait)
+            try:
+                await asyncio.get_running_loop().run_in_executor(None, self._process.wait, 5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
         if self._stream is not None:
             self._stream.close()
 
@@ -224,14 +233,19 @@ class Committer:
         from .writer import frame
 
         number = next(self._ids)
+        data = frame([number, [tuple(d) for d in drafts]])  # first: it may raise
         future: asyncio.Future[list[Appended]] = asyncio.get_running_loop().create_future()
         self._waiting[number] = future
         self.queued += len(drafts)
-        self._stream.write(frame([number, [tuple(d) for d in drafts]]))
         try:
+            self._stream.write(data)
+            await self._stream.drain()  # the socket's buffer is full: wait for the writer
             return await future
+        except (ConnectionError, RuntimeError) as exc:
+            raise HTTPError(503, f"the writer is not running: {exc}") from None
         finally:
             self.queued -= len(drafts)
+            self._waiting.pop(number, None)
 
     async def _read_answers(self, reader: asyncio.StreamReader) -> None:
         from .writer import ERROR_KINDS, HEADER
@@ -242,7 +256,9 @@ class Committer:
                 number, group, status, *rest = orjson.loads(await reader.readexactly(size))
                 if group:
                     self.metrics.group_size.observe(group)
-                future = self._waiting.pop(number)
+                future = self._waiting.pop(number, None)
+                if future is None or future.done():
+                    continue  # the request was cancelled; its events (if any) are in the log
                 if status == "error":
                     kind, message = rest
                     future.set_exception(ERROR_KINDS.get(kind, OperationFailed)(message))
@@ -253,8 +269,7 @@ class Committer:
                 self.metrics.duplicates.inc(len(results) - fresh)
                 if fresh:
                     self.on_commit()
-                if not future.done():  # the client may have gone; its events are in the log
-                    future.set_result(results)
+                future.set_result(results)
         except asyncio.IncompleteReadError:
             self.failure = self.failure or "the writer process exited"
         except Exception as exc:  # pragma: no cover - a protocol bug
@@ -423,6 +438,13 @@ class Gateway:
             )
         token = self.settings.token
         if token is None:
+            # Without a token, reads are open to whatever can reach the port. A web page
+            # could reach a loopback server by pointing its own name at 127.0.0.1 (DNS
+            # rebinding): its requests then carry its name as Host, which is refused here.
+            host = request.headers.get("host", "")
+            name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+            if not _local_name(name.strip("[]")):
+                raise HTTPError(403, f"Host {host!r} is refused without a token; use an address")
             if write:
                 raise HTTPError(
                     403,
@@ -445,7 +467,7 @@ class Gateway:
         # type): a token is needed to write, so a browser's cross-site form cannot post.
         declared = request.headers.get("content-length")
         if declared is not None:
-            if not declared.isdigit():
+            if not _DIGITS.fullmatch(declared):
                 raise HTTPError(400, "bad Content-Length")
             if int(declared) > limit:
                 raise HTTPError(413, f"body of {declared} bytes; the limit is {limit}")
@@ -504,7 +526,7 @@ class Gateway:
         if unknown:
             raise HTTPError(400, f"unknown parameter {unknown[0]!r}; known: after, match, limit")
         raw_limit = params.get("limit", "100")
-        if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= 1000:
+        if not _DIGITS.fullmatch(raw_limit) or not 1 <= int(raw_limit) <= 1000:
             raise HTTPError(400, f"bad limit {raw_limit!r}: need 1-1000", "limit")
         after, match = params.get("after") or None, params.get("match") or None
 
@@ -538,6 +560,8 @@ class Gateway:
         return json_response(200, {"status": "ok"})
 
     async def readiness(self, request: Request) -> Response:
+        self._admit(request, write=False)
+
         def checks(mesh: Mesh) -> dict[str, dict[str, Any]]:
             found: dict[str, dict[str, Any]] = {}
             try:
@@ -545,11 +569,14 @@ class Gateway:
                 found["log"] = {"ok": True, "detail": f"{tail.count} events, index agrees"}
             except Exception as exc:
                 found["log"] = {"ok": False, "detail": f"{type(exc).__name__}: {exc}"}
-            free = shutil.disk_usage(mesh.layout.log_file.parent).free
-            found["disk"] = {
-                "ok": free >= 64 * 1024 * 1024,
-                "detail": f"{free // (1024 * 1024)} MiB free for the log (needs 64)",
-            }
+            try:
+                free = shutil.disk_usage(mesh.layout.log_file.parent).free
+                found["disk"] = {
+                    "ok": free >= 64 * 1024 * 1024,
+                    "detail": f"{free // (1024 * 1024)} MiB free for the log (needs 64)",
+                }
+            except OSError as exc:
+                found["disk"] = {"ok": False, "detail": f"cannot tell: {exc}"}
             return found
 
         found = await self._read(checks)
@@ -581,10 +608,21 @@ class Gateway:
         )
 
     async def prometheus(self, request: Request) -> Response:
+        self._admit(request, write=False)
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         text = await self._read(lambda _: generate_latest(self.metrics.registry))
         return Response(text, 200, media_type=CONTENT_TYPE_LATEST)
+
+
+def _local_name(name: str) -> bool:
+    if name == "localhost":
+        return True
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
 
 
 _ROUTES = ("/events/batch", "/events", "/healthz", "/readiness", "/metrics")

@@ -30,7 +30,7 @@ _ROUTER_FIELDS = {"type", "source", "payload", "timestamp", *OPTIONAL_FIELDS, *A
 
 # CloudEvents context attributes and the draft fields they fill. `id` (with `source`)
 # becomes the idempotency key: CloudEvents says the pair identifies an event, and that a
-# repeated pair is a duplicate.
+# repeated pair is a duplicate. The source's length goes first, so no two pairs share a key.
 CE_ATTRIBUTES = {
     "specversion": None,
     "id": "idempotency_key",
@@ -45,6 +45,11 @@ CE_ATTRIBUTES = {
     "causationid": "causation_id",
     "tenant": "tenant",
     "target": "target",
+    # Accepted and not kept: a schema URI and the distributed-tracing extension, which
+    # CloudEvents SDKs add on their own. Any other attribute is refused, never dropped.
+    "dataschema": None,
+    "traceparent": None,
+    "tracestate": None,
 }
 
 
@@ -150,7 +155,7 @@ def _from_cloudevent(body: dict[str, Any]) -> tuple[Fields, Names]:
         fields[target], names[target] = body[attribute], attribute
     fields["topic"], fields["event_type"] = _split_type(body["type"], "type")
     names["topic"] = names["event_type"] = "type"
-    fields["idempotency_key"] = f"ce:{body['source']}#{body['id']}"
+    fields["idempotency_key"] = f"ce:{len(body['source'])}:{body['source']}#{body['id']}"
     names["idempotency_key"] = "id"
     return fields, names
 

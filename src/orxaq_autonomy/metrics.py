@@ -87,11 +87,12 @@ class NodeCollector(Collector):
         yield _gauge("orxaq_log_events", "Events in the local log.", log["events"])
         yield _gauge("orxaq_log_bytes", "Committed size of the local log.", log["bytes"])
         yield _gauge("orxaq_log_clock", "Highest Lamport clock in the log.", log["clock"])
-        yield _gauge(
-            "orxaq_log_quarantined",
-            "Uncommitted tails moved to quarantine/ (crashed writers).",
-            status["quarantined"]["incidents"],
+        quarantined = CounterMetricFamily(
+            "orxaq_log_quarantine_incidents",
+            "Uncommitted tails moved to quarantine/ (writers that crashed).",
         )
+        quarantined.add_metric([], status["quarantined"]["incidents"])
+        yield quarantined
         yield _gauge(
             "orxaq_unexported_events", "Own events not yet exported.", status["unexported"]
         )
