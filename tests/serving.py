@@ -41,6 +41,22 @@ class Server:
         return self.proc.wait(30)
 
 
+def child_pids(pid: int, marker: str) -> list[int]:
+    """The processes `pid` started whose command line holds `marker` (from /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid and marker in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
 def write_token(path: Path) -> str:
     token = secrets.token_urlsafe(24)
     path.write_text(token + "\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 import time
@@ -15,7 +16,7 @@ import orjson
 
 from conftest import log_lines, snapshot
 from orxaq_autonomy import Mesh
-from serving import serving
+from serving import child_pids, serving
 
 CI_EVENT = {"type": "ci.result", "source": "jenkins", "payload": {"ok": True, "run": 7}}
 
@@ -410,3 +411,19 @@ def test_a_tokenless_server_refuses_foreign_host_names(root: Path) -> None:
         assert http.get("/events", headers={"Host": "localhost"}).status_code == 200
         rebound = http.get("/events", headers={"Host": "attacker.example:8787"})
         assert rebound.status_code == 403 and "Host" in rebound.json()["error"]["message"]
+
+
+def test_the_gateway_exits_1_when_its_writer_dies(root: Path) -> None:
+    """A gateway that cannot write must not linger answering 503: it stops, exit 1, for
+    its supervisor to restart it."""
+    with serving(root, "--dispatch-every", "0") as server, server.client() as http:
+        http.post("/events", json=CI_EVENT).raise_for_status()
+        writers = child_pids(server.proc.pid, "orxaq_autonomy.writer")
+        assert len(writers) == 1
+        os.kill(writers[0], signal.SIGKILL)
+        assert server.proc.wait(30) == 1
+        assert server.proc.stderr is not None
+        err = server.proc.stderr.read().decode()
+        assert "stopped serving: the writer process exited" in err
+        assert "Traceback" not in err
+    assert len(log_lines(root)) == 1

@@ -167,7 +167,8 @@ class RateLimiter:
 
 class Committer:
     """The gateway's side of the writer process (writer.py): submits drafts, awaits answers.
-    If the writer dies, waiting and later writes get 503 and readiness says why."""
+    If the writer dies, waiting writes get 503 and `on_failure` is called: the gateway then
+    stops and exits 1, so that a supervisor restarts it rather than it refusing writes."""
 
     def __init__(
         self,
@@ -175,11 +176,14 @@ class Committer:
         metrics: GatewayMetrics,
         max_queued: int,
         on_commit: Callable[[], None] = lambda: None,
+        on_failure: Callable[[str], None] = lambda _: None,
     ) -> None:
         self.mesh = mesh
         self.metrics = metrics
         self.max_queued = max_queued
         self.on_commit = on_commit
+        self.on_failure = on_failure
+        self._stopping = False
         self.queued = 0  # events submitted and not yet answered
         self.failure: str | None = None
         self._waiting: dict[int, asyncio.Future[list[Appended]]] = {}
@@ -207,6 +211,7 @@ class Committer:
     async def stop(self, timeout: float = 60) -> None:
         """Let the writer append everything submitted, then wait for it to exit (and kill
         it if it has not within `timeout`: what it had not committed is not acknowledged)."""
+        self._stopping = True
         if self._stream is not None and not self._stream.is_closing():
             self._stream.write_eof()
         if self._answers is not None:
@@ -279,6 +284,8 @@ class Committer:
                 if not future.done():
                     future.set_exception(HTTPError(503, f"the writer failed: {self.failure}"))
             self._waiting.clear()
+            if not self._stopping:
+                self.on_failure(self.failure or "the writer process exited")
 
 
 # --- background dispatch -------------------------------------------------------------------
@@ -349,7 +356,10 @@ class Gateway:
             self.metrics,
             settings.max_queued_events,
             self.dispatch.wake.set if self.dispatch else (lambda: None),
+            self._writer_failed,
         )
+        self.fatal: str | None = None
+        self.server: Any = None  # the uvicorn server, once serve() runs
         self.limiter = RateLimiter(settings.rate_limit, settings.burst)
         self._reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-reader")
         self.started = time.time()
@@ -390,6 +400,12 @@ class Gateway:
                 await gateway.stop()
 
         return _Span()
+
+    def _writer_failed(self, reason: str) -> None:
+        self.fatal = reason
+        print(f"orxaq-autonomy: error: {reason}; stopping", file=sys.stderr)
+        if self.server is not None:
+            self.server.should_exit = True
 
     async def _read(self, fn: Callable[[Mesh], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._reads, fn, self.reader)
@@ -707,13 +723,16 @@ def serve(gateway: Gateway, sock: socket.socket) -> None:
     # uvicorn re-raises the stop signal after its graceful shutdown, which would end the
     # process "killed by SIGTERM". A signal is how a server is asked to stop: exit 0 instead.
     previous = {sig: signal.signal(sig, _stopped) for sig in (signal.SIGINT, signal.SIGTERM)}
+    gateway.server = uvicorn.Server(config)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        gateway.server.run(sockets=[sock])
     except _Stopped:
         pass
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if gateway.fatal:
+        raise OperationFailed(f"stopped serving: {gateway.fatal}")
 
 
 class _Stopped(Exception):
