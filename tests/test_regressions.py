@@ -243,3 +243,13 @@ def test_a_stale_manifest_head_is_put_back_by_the_next_export(tmp_path: Path) ->
         export_events(mesh)
         assert orjson.loads(path.read_bytes())["head"]["seq"] == 2
     git(a, "status", "--porcelain")
+
+
+def test_a_null_topic_is_a_missing_field_not_an_internal_error(root: Path, cli: Runner) -> None:
+    """Found by the intake property test (issue 6): null means unset, and a required
+    field that is unset was passed on as missing to Draft.create (TypeError, exit 1)."""
+    before = snapshot(root)
+    for line in ('{"topic": null, "event_type": "x"}', '{"topic": "ci", "event_type": null}'):
+        result = cli("--root", str(root), "mesh-publish", "--stdin", stdin=line + "\n")
+        assert result.code == 2 and "missing field" in result.err, result.err
+    assert snapshot(root) == before

@@ -328,7 +328,7 @@ class Draft(NamedTuple):
                 f"unknown field {min(unknown)!r}; allowed: {', '.join(sorted(DRAFT_FIELDS))}"
             )
         for name in ("topic", "event_type"):
-            if name not in fields:
+            if fields.get(name) is None:  # absent, or null (which means unset)
                 raise BadInput(f"missing field {name!r}")
         # Null means unset for the optional fields; a null payload is still refused.
         values = {k: v for k, v in fields.items() if v is not None or k == "payload"}

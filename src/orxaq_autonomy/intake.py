@@ -108,7 +108,9 @@ Names = dict[str, str]  # draft field -> the request's name for it
 def _from_mesh(body: dict[str, Any]) -> tuple[Fields, Names]:
     unknown = sorted(body.keys() - _MESH_FIELDS)
     if unknown:
-        raise InvalidField(unknown[0], f"unknown field; allowed: {', '.join(sorted(DRAFT_FIELDS))}")
+        raise InvalidField(
+            unknown[0], f"unknown field {unknown[0]!r}; allowed: {', '.join(sorted(DRAFT_FIELDS))}"
+        )
     if body.keys().isdisjoint(ALIASES):
         return body, {}  # the common case: the request's names are the draft's
     return _renamed(body)
@@ -118,7 +120,8 @@ def _from_router(body: dict[str, Any]) -> tuple[Fields, Names]:
     unknown = sorted(body.keys() - _ROUTER_FIELDS)
     if unknown:
         raise InvalidField(
-            unknown[0], f"unknown field; allowed: {', '.join(sorted(_ROUTER_FIELDS))}"
+            unknown[0],
+            f"unknown field {unknown[0]!r}; allowed: {', '.join(sorted(_ROUTER_FIELDS))}",
         )
     rest = {k: v for k, v in body.items() if k != "type"}
     fields, names = _renamed(rest)
@@ -136,7 +139,8 @@ def _from_cloudevent(body: dict[str, Any]) -> tuple[Fields, Names]:
     if unknown:
         raise InvalidField(
             unknown[0],
-            f"unsupported CloudEvents attribute; supported: {', '.join(sorted(CE_ATTRIBUTES))}",
+            f"unsupported CloudEvents attribute {unknown[0]!r}; supported: "
+            + ", ".join(sorted(CE_ATTRIBUTES)),
         )
     for name in ("id", "source", "type"):
         if not isinstance(body.get(name), str) or not body[name]:
