@@ -11,7 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from orxaq_autonomy import BadInput, Mesh
-from orxaq_autonomy.envelope import Draft, parse_envelope
+from orxaq_autonomy.envelope import parse_envelope
 
 
 @pytest.fixture
@@ -183,28 +183,3 @@ def test_log_lines_are_canonical_json_with_id(mesh: Mesh) -> None:
     line = mesh.layout.log_file.read_bytes().splitlines()[0]
     assert line == orjson.dumps(result.envelope, option=orjson.OPT_SORT_KEYS)
     assert "é".encode() in line  # UTF-8, not \\u escapes
-
-
-def test_appends_with_index_keep_the_id_index_current_only_when_it_was(tmp_path: Path) -> None:
-    """The gateway's writer appends with index=True, so its lookups never catch up on a
-    backlog; an index that already lags is left to catch up on the next lookup."""
-    Mesh.init(tmp_path, node_id="node-a")
-    mesh = Mesh.open(tmp_path)
-
-    def indexed() -> tuple[int, int]:
-        size = mesh.log.db.execute("SELECT indexed_size FROM tail").fetchone()[0]
-        return size, mesh.log.committed().log_size
-
-    draft = Draft.create("ci", "x", {"n": 1})
-    mesh.publish_drafts([draft, draft._replace(payload={"n": 2})], index=True)
-    size, end = indexed()
-    assert size == end > 0
-    lagging = mesh.publish_drafts([draft._replace(payload={"n": 3})])  # no index
-    mesh.publish_drafts([draft._replace(payload={"n": 4})], index=True)
-    size, end = indexed()
-    assert size < end  # it lagged, so it was left alone
-    assert mesh.get(lagging[0].event_id)["payload"] == {"n": 3}  # the lookup catches up
-    assert indexed()[0] == indexed()[1]
-    last = mesh.publish_drafts([draft._replace(payload={"n": 5})], index=True)[0]
-    assert indexed()[0] == indexed()[1]
-    assert mesh.log.end_of(last.event_id) == indexed()[1]

@@ -291,22 +291,18 @@ class EventLog:
         node_id: str,
         keep_envelopes: bool = True,
         signer: Callable[[], Callable[[str], str]] | None = None,
-        index: bool = False,
     ) -> list[Appended]:
         """Seal and append `drafts` as `node_id`'s next events: all of them, or none.
 
         `drafts` may be a lazy iterable that validates as it goes (it is consumed under the
         lock, so it should not wait on I/O): if it raises, nothing has been written. With
         `keep_envelopes=False` a large batch keeps only its log bytes and index rows.
-        With `index=True` the id index is kept current in the same transaction (when it was
-        current): for a steady stream of small appends that are looked up soon after, such
-        as the gateway's, instead of the next lookup indexing everything since.
         """
         gc_was_enabled = gc.isenabled()
         gc.disable()  # a batch allocates ~10 objects per event and frees none until the end
         try:
             with self._locked():
-                return self._append_locked(drafts, node_id, keep_envelopes, signer, index)
+                return self._append_locked(drafts, node_id, keep_envelopes, signer)
         finally:
             if gc_was_enabled:
                 gc.enable()
@@ -317,7 +313,6 @@ class EventLog:
         node_id: str,
         keep_envelopes: bool,
         signer_factory: Callable[[], Callable[[str], str]] | None,
-        index: bool,
     ) -> list[Appended]:
         tail = self._recover()
         signer = signer_factory() if signer_factory is not None else None
@@ -332,7 +327,6 @@ class EventLog:
         buffer = bytearray()
         appended = 0
         idem_rows: list[tuple[str, str, str, str, int]] = []
-        index_rows: list[tuple[bytes, int, bytes | None]] = []
         batch_keys: dict[tuple[str, str], Appended] = {}
         offset = last_offset = tail.log_size
         for chunk in _chunks(drafts, _LOOKUP_CHUNK):
@@ -363,8 +357,6 @@ class EventLog:
                     batch_keys[key] = Appended(prev, seq, True)
                 buffer += line
                 buffer += b"\n"
-                if index:
-                    index_rows.append(_index_row(env, offset))
                 last_offset = offset
                 offset += len(line) + 1
                 results.append(Appended(prev, seq, False, env if keep_envelopes else None))
@@ -372,11 +364,7 @@ class EventLog:
             return results
         self._write(buffer, tail.log_size)
         with self._transaction():
-            if idem_rows:
-                db.executemany("INSERT INTO idempotency VALUES (?,?,?,?,?)", idem_rows)
-            if index_rows and self._indexed_size() == tail.log_size:
-                db.executemany("INSERT OR IGNORE INTO events VALUES (?,?,?)", index_rows)
-                db.execute("UPDATE tail SET indexed_size = ?", (offset,))
+            db.executemany("INSERT INTO idempotency VALUES (?,?,?,?,?)", idem_rows)
             db.execute("INSERT OR REPLACE INTO nodes VALUES (?,?,?)", (node_id, seq, prev))
             db.execute(
                 "UPDATE tail SET log_size=?, last_offset=?, last_event_id=?, clock=?, "
@@ -447,7 +435,7 @@ class EventLog:
                 db.executemany("INSERT OR IGNORE INTO idempotency VALUES (?,?,?,?,?)", idem_rows)
                 # Imports already pay for verification; when the id index is current, keep
                 # it current here rather than have the next lookup read these lines again.
-                if self._indexed_size() == tail.log_size:
+                if db.execute("SELECT indexed_size FROM tail").fetchone()[0] == tail.log_size:
                     db.executemany("INSERT OR IGNORE INTO events VALUES (?,?,?)", index_rows)
                     db.execute("UPDATE tail SET indexed_size = ?", (offset,))
                 db.executemany(
@@ -546,12 +534,9 @@ class EventLog:
 
     # --- the id index -----------------------------------------------------------------
 
-    def _indexed_size(self) -> int:
-        return int(self.db.execute("SELECT indexed_size FROM tail").fetchone()[0])
-
     def _pending_index(self) -> tuple[int, int, list[tuple[bytes, int, bytes | None]]]:
         """Index rows for the committed lines past `indexed_size`, not yet stored."""
-        start = self._indexed_size()
+        start = self.db.execute("SELECT indexed_size FROM tail").fetchone()[0]
         end = self.committed().log_size
         rows = [_index_row(orjson.loads(line), off) for off, line in self.iter_lines(start, end)]
         return start, end, rows
@@ -565,7 +550,7 @@ class EventLog:
             return
         db = self.db
         with self._transaction():
-            if self._indexed_size() == start:
+            if db.execute("SELECT indexed_size FROM tail").fetchone()[0] == start:
                 db.executemany("INSERT OR IGNORE INTO events VALUES (?,?,?)", rows)
                 db.execute("UPDATE tail SET indexed_size = ?", (end,))
 

@@ -115,9 +115,9 @@ class Mesh:
         return self.publish_drafts(drafts(), keep_envelopes=False)
 
     def publish_drafts(
-        self, drafts: Iterable[Draft], keep_envelopes: bool = True, index: bool = False
+        self, drafts: Iterable[Draft], keep_envelopes: bool = True
     ) -> list[Appended]:
-        return self.log.append(drafts, self.node_id, keep_envelopes, self.current_signer, index)
+        return self.log.append(drafts, self.node_id, keep_envelopes, self.current_signer)
 
     def current_signer(self) -> Signer:
         """The signer for this node's next events. Called under the log lock, so a key

@@ -130,8 +130,7 @@ class Writer:
         drafts = [[Draft(*fields) for fields in request[1]] for request in group]
         outcomes: list[list[Appended] | Exception]
         try:
-            # the index is kept current: GET /events?after= and /events/{id} stay O(1)
-            results = self.mesh.publish_drafts([d for ds in drafts for d in ds], index=True)
+            results = self.mesh.publish_drafts([d for ds in drafts for d in ds])
             outcomes, position = [], 0
             for ds in drafts:
                 outcomes.append(results[position : position + len(ds)])
@@ -143,7 +142,7 @@ class Writer:
                 outcomes = []
                 for ds in drafts:
                     try:
-                        outcomes.append(self.mesh.publish_drafts(ds, index=True))
+                        outcomes.append(self.mesh.publish_drafts(ds))
                     except Exception as one:
                         outcomes.append(one)
         except Exception as exc:  # the disk or the index failed: every request of the group
