@@ -183,3 +183,27 @@ def test_log_lines_are_canonical_json_with_id(mesh: Mesh) -> None:
     line = mesh.layout.log_file.read_bytes().splitlines()[0]
     assert line == orjson.dumps(result.envelope, option=orjson.OPT_SORT_KEYS)
     assert "é".encode() in line  # UTF-8, not \\u escapes
+
+
+def test_a_long_index_backlog_is_stored_in_chunks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Lookups catch the id index up chunk by chunk (each chunk a transaction, so appends
+    wait for one chunk, not the whole backlog); every chunk boundary must be exact."""
+    import orxaq_autonomy.log as log_module
+
+    monkeypatch.setattr(log_module, "_INDEX_CHUNK", 3)
+    Mesh.init(tmp_path, node_id="node-a")
+    mesh = Mesh.open(tmp_path)
+    ids = [
+        r.event_id
+        for r in mesh.publish_many(
+            {"topic": "ci", "event_type": "x", "payload": {"i": i}} for i in range(10)
+        )
+    ]
+    assert mesh.get(ids[-1])["payload"] == {"i": 9}
+    size = mesh.log.db.execute("SELECT indexed_size FROM tail").fetchone()[0]
+    assert size == mesh.log.committed().log_size
+    assert mesh.log.db.execute("SELECT count(*) FROM events").fetchone()[0] == 10
+    for i, event_id in enumerate(ids):
+        assert mesh.get(event_id[:12])["payload"] == {"i": i}

@@ -73,6 +73,7 @@ CREATE TABLE idempotency (
 _READ_CHUNK = 1 << 20
 _LOOKUP_CHUNK = 500  # drafts whose idempotency keys are looked up in one query
 _WRITE_CHUNK = 4 << 20  # large batches go out in bounded write() calls
+_INDEX_CHUNK = 5000  # id index rows stored per transaction when catching up
 
 
 @dataclass(frozen=True)
@@ -541,21 +542,25 @@ class EventLog:
         rows = [_index_row(orjson.loads(line), off) for off, line in self.iter_lines(start, end)]
         return start, end, rows
 
-    def _store_index(
-        self, start: int, end: int, rows: list[tuple[bytes, int, bytes | None]]
-    ) -> None:
+    def _store_index(self, end: int, rows: list[tuple[bytes, int, bytes | None]]) -> None:
         """Store caught-up rows. SQLite's write lock serialises two processes doing this;
-        the one that finds the cursor moved leaves it alone."""
-        if start == end:
-            return
+        the one that finds the cursor moved leaves it alone. A long backlog goes in chunks,
+        each its own transaction, so that appends (which need the same lock) are held up
+        for one chunk at a time, not for the whole backlog."""
         db = self.db
-        with self._transaction():
-            if db.execute("SELECT indexed_size FROM tail").fetchone()[0] == start:
-                db.executemany("INSERT OR IGNORE INTO events VALUES (?,?,?)", rows)
-                db.execute("UPDATE tail SET indexed_size = ?", (end,))
+        for first in range(0, len(rows), _INDEX_CHUNK):
+            chunk = rows[first : first + _INDEX_CHUNK]
+            chunk_start = chunk[0][1]
+            chunk_end = rows[first + _INDEX_CHUNK][1] if first + _INDEX_CHUNK < len(rows) else end
+            with self._transaction():
+                if db.execute("SELECT indexed_size FROM tail").fetchone()[0] != chunk_start:
+                    return  # another process stored these
+                db.executemany("INSERT OR IGNORE INTO events VALUES (?,?,?)", chunk)
+                db.execute("UPDATE tail SET indexed_size = ?", (chunk_end,))
 
     def _index_up_to_date(self) -> None:
-        self._store_index(*self._pending_index())
+        _, end, rows = self._pending_index()
+        self._store_index(end, rows)
 
     # --- lookups ----------------------------------------------------------------------
 
@@ -567,7 +572,7 @@ class EventLog:
         low = bytes.fromhex(digits.ljust(64, "0"))
         high = bytes.fromhex(digits.ljust(64, "f"))
         # A failed lookup must change no file, so the index catches up only on success.
-        start, end, pending = self._pending_index()
+        _, end, pending = self._pending_index()
         found = {
             bytes(row[0])
             for row in self.db.execute(
@@ -579,7 +584,7 @@ class EventLog:
             raise UnknownEvent(f"unknown event id {ref!r}")
         if len(found) > 1:
             raise BadInput(f"ambiguous event id prefix {ref!r}: give more digits")
-        self._store_index(start, end, pending)
+        self._store_index(end, pending)
         return "evt_" + found.pop().hex()
 
     def get(self, event_id: str) -> Envelope | None:
