@@ -33,9 +33,11 @@ class Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader, self.writer = reader, writer
 
-    async def post(self, path: str, body: bytes, token: str) -> tuple[int, bytes]:
+    async def post(
+        self, path: str, body: bytes, token: str, method: str = "POST"
+    ) -> tuple[int, bytes]:
         head = (
-            f"POST {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {token}\r\n"
+            f"{method} {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {token}\r\n"
             f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
         ).encode()
         self.writer.write(head + body)
@@ -218,6 +220,28 @@ def main() -> None:
                 f"batch POST /events/batch: {events} events in {len(batches)} requests of "
                 f"{size}, concurrency 4: {events / elapsed:,.0f} events/s; latency p50 "
                 f"{percentile(lat, 0.5) * 1e3:.1f} ms, p95 {percentile(lat, 0.95) * 1e3:.1f} ms"
+            )
+
+            async def page_reads() -> list[float]:
+                conn = Connection(*await asyncio.open_connection("127.0.0.1", port))
+                _, first = await conn.post("/events?limit=1", b"", token, "GET")
+                after = orjson.loads(first)["events"][0]["event_id"]
+                took = []
+                for _ in range(3):  # the first read indexes everything published since
+                    start = time.perf_counter()
+                    status, _ = await conn.post(
+                        f"/events?after={after}&limit=100", b"", token, "GET"
+                    )
+                    took.append(time.perf_counter() - start)
+                    assert status == 200
+                conn.writer.close()
+                return took
+
+            reads = asyncio.run(page_reads())
+            cold, warm = reads[0], reads[1:]
+            print(
+                f"GET /events?after=<first>&limit=100 after the ingest: first {cold * 1e3:.0f} ms "
+                f"(indexes the backlog), then {max(warm) * 1e3:.1f} ms"
             )
         finally:
             proc.terminate()
