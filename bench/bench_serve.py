@@ -238,10 +238,10 @@ def main() -> None:
                 return took
 
             reads = asyncio.run(page_reads())
-            cold, warm = reads[0], reads[1:]
+            cold, later = reads[0], reads[1:]
             print(
                 f"GET /events?after=<first>&limit=100 after the ingest: first {cold * 1e3:.0f} ms "
-                f"(indexes the backlog), then {max(warm) * 1e3:.1f} ms"
+                f"(indexes the backlog), then {max(later) * 1e3:.1f} ms"
             )
         finally:
             proc.terminate()
