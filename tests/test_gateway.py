@@ -427,3 +427,38 @@ def test_the_gateway_exits_1_when_its_writer_dies(root: Path) -> None:
         assert "stopped serving: the writer process exited" in err
         assert "Traceback" not in err
     assert len(log_lines(root)) == 1
+
+
+def test_mesh_serve_refuses_bad_setups_before_listening(root: Path, tmp_path: Path) -> None:
+    from conftest import run_process
+
+    loose = tmp_path / "loose-token"
+    loose.write_text("a-long-enough-token-value\n")
+    os.chmod(loose, 0o644)
+    short = tmp_path / "short-token"
+    short.write_text("short\n")
+    os.chmod(short, 0o600)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = str(busy.getsockname()[1])
+        cases = [
+            (["--token-file", str(loose)], "chmod 600"),
+            (["--token-file", str(short)], "16+ characters"),
+            (["--token-file", str(tmp_path / "missing")], "cannot read --token-file"),
+            (["--port", port], "cannot listen"),
+            (["--port", "70000"], "bad --port"),
+            (["--rate-limit", "-1"], "--rate-limit"),
+            (["--host", "no-such-host.invalid"], "bad --host"),
+        ]
+        for args, problem in cases:
+            result = run_process("--root", str(root), "mesh-serve", "--json", *args, timeout=30)
+            assert result.code == 2, (args, result.err)
+            assert problem in result.err and result.err.count("\n") == 1, (args, result.err)
+            assert result.json()["error"]["code"] == 2
+    (root / "state/event_mesh/config.toml").write_text('[[forward]]\nname = "x"\nurl = "nope"\n')
+    result = run_process("--root", str(root), "mesh-serve", "--port", "0")
+    assert result.code == 2 and "forward.0.url" in result.err
+    result = run_process("--root", str(tmp_path / "not-a-node"), "mesh-serve", "--port", "0")
+    assert result.code == 2 and "mesh-init" in result.err
+    assert log_lines(root) == []
