@@ -186,7 +186,8 @@ def test_rate_limit_answers_429_with_retry_after(root: Path) -> None:
         assert codes[:3] == [200, 200, 200] and codes[3] == 429
         limited = http.get("/events")
         assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
-        assert http.get("/healthz").status_code == 200  # probes are never limited
+        for probe in ("/healthz", "/readiness", "/metrics"):  # probes are never limited
+            assert http.get(probe).status_code == 200
         time.sleep(1.1)
         assert http.get("/events").status_code == 200  # the bucket refills
         assert "orxaq_http_rate_limited_total 3.0" in http.get("/metrics").text
@@ -237,7 +238,13 @@ def test_cursor_paging_and_lookup_by_prefix(root: Path) -> None:
         assert http.get("/events", params={"limit": 0}).json()["error"]["field"] == "limit"
         assert http.get("/events", params={"match": "a.#.#x"}).json()["error"]["field"] == "match"
         assert http.get("/events", params={"after": "evt_0000"}).status_code == 404
-        assert http.get("/events", params={"colour": "red"}).status_code == 400
+        unknown = http.get("/events", params={"colour": "red"})
+        assert unknown.status_code == 400 and unknown.json()["error"]["field"] == "colour"
+        missing = http.get("/nope")
+        assert missing.status_code == 404 and missing.json()["error"]["code"] == 404
+        wrong = http.delete("/events")
+        assert wrong.status_code == 405 and wrong.json()["error"]["code"] == 405
+        assert "GET" in wrong.headers["allow"]
 
 
 def test_health_readiness_and_metrics(root: Path) -> None:

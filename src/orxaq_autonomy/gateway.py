@@ -44,6 +44,7 @@ from typing import Any, TypeVar
 
 import orjson
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -364,15 +365,21 @@ class Gateway:
         self._reads = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mesh-reader")
         self.started = time.time()
         routes = [
-            Route("/events", self._guard(self.post_event), methods=["POST"]),
+            Route("/events", self._guard(self.events), methods=["GET", "POST"]),
             Route("/events/batch", self._guard(self.post_batch), methods=["POST"]),
-            Route("/events", self._guard(self.list_events), methods=["GET"]),
             Route("/events/{ref}", self._guard(self.get_event), methods=["GET"]),
             Route("/healthz", self.healthz, methods=["GET"]),
             Route("/readiness", self._guard(self.readiness), methods=["GET"]),
             Route("/metrics", self._guard(self.prometheus), methods=["GET"]),
         ]
-        self.app: ASGIApp = _Timing(Starlette(routes=routes, lifespan=self._lifespan), self.metrics)
+        self.app: ASGIApp = _Timing(
+            Starlette(
+                routes=routes,
+                lifespan=self._lifespan,
+                exception_handlers={StarletteHTTPException: _routing_error},
+            ),
+            self.metrics,
+        )
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -436,9 +443,9 @@ class Gateway:
 
         return guarded
 
-    def _admit(self, request: Request, write: bool) -> None:
+    def _admit(self, request: Request, write: bool, limited: bool = True) -> None:
         client = request.client.host if request.client else "unknown"
-        wait = self.limiter.wait(client)
+        wait = self.limiter.wait(client) if limited else 0.0
         if wait:
             self.metrics.rate_limited.inc()
             raise HTTPError(
@@ -502,6 +509,12 @@ class Gateway:
 
     # --- endpoints --------------------------------------------------------------------
 
+    async def events(self, request: Request) -> Response:
+        # one route for both methods, so that a wrong method is told both in Allow
+        if request.method == "POST":
+            return await self.post_event(request)
+        return await self.list_events(request)
+
     async def post_event(self, request: Request) -> Response:
         self._admit(request, write=True)
         body, size = await self._body(request, SINGLE_BODY_LIMIT)
@@ -540,7 +553,9 @@ class Gateway:
         params = request.query_params
         unknown = sorted(set(params) - {"after", "match", "limit"})
         if unknown:
-            raise HTTPError(400, f"unknown parameter {unknown[0]!r}; known: after, match, limit")
+            raise HTTPError(
+                400, f"unknown parameter {unknown[0]!r}; known: after, match, limit", unknown[0]
+            )
         raw_limit = params.get("limit", "100")
         if not _DIGITS.fullmatch(raw_limit) or not 1 <= int(raw_limit) <= 1000:
             raise HTTPError(400, f"bad limit {raw_limit!r}: need 1-1000", "limit")
@@ -576,7 +591,7 @@ class Gateway:
         return json_response(200, {"status": "ok"})
 
     async def readiness(self, request: Request) -> Response:
-        self._admit(request, write=False)
+        self._admit(request, write=False, limited=False)  # a probe must not see 429
 
         def checks(mesh: Mesh) -> dict[str, dict[str, Any]]:
             found: dict[str, dict[str, Any]] = {}
@@ -624,11 +639,20 @@ class Gateway:
         )
 
     async def prometheus(self, request: Request) -> Response:
-        self._admit(request, write=False)
+        self._admit(request, write=False, limited=False)
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         text = await self._read(lambda _: generate_latest(self.metrics.registry))
         return Response(text, 200, media_type=CONTENT_TYPE_LATEST)
+
+
+async def _routing_error(request: Request, exc: Exception) -> Response:
+    """Unknown paths and methods answer in the same JSON as every other error."""
+    assert isinstance(exc, StarletteHTTPException)
+    headers = dict(exc.headers or {})
+    return error_response(
+        HTTPError(exc.status_code, f"{exc.detail}: {request.url.path}", None, headers)
+    )
 
 
 def _local_name(name: str) -> bool:
