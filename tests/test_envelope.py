@@ -27,6 +27,7 @@ from orxaq_autonomy.envelope import (
     seal,
 )
 from orxaq_autonomy.errors import BadInput
+from strategies import json_values
 
 # --- an independent implementation of docs/format.md, to check the doc against the code ----
 
@@ -66,20 +67,6 @@ def doc_canonical(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-json_scalars = (
-    st.none()
-    | st.booleans()
-    | st.integers(min_value=-(2**63), max_value=2**63 - 1)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=20)
-)
-json_values = st.recursive(
-    json_scalars,
-    lambda children: (
-        st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4)
-    ),
-    max_leaves=12,
-)
 payloads = st.dictionaries(st.text(max_size=8), json_values, max_size=5)
 segment = st.from_regex(r"[a-z0-9_-]{1,8}", fullmatch=True)
 

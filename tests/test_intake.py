@@ -15,28 +15,17 @@ from orxaq_autonomy.errors import EventTooLarge
 from orxaq_autonomy.gateway import RateLimiter
 from orxaq_autonomy.intake import InvalidField, draft_from_request, drafts_from_batch
 from orxaq_autonomy.writer import frame, split_frames
+from strategies import json_scalars, json_values
 
 SEGMENT = st.text(string.ascii_lowercase + string.digits + "_-", min_size=1, max_size=8)
 TEXT = st.text(string.ascii_letters + string.digits + " ./:-", min_size=1, max_size=40)
-SCALAR = (
-    st.none()
-    | st.booleans()
-    | st.integers(-(2**63), 2**63 - 1)
-    | st.floats(allow_nan=False, allow_infinity=False)
-    | st.text(max_size=20)
+PAYLOAD = st.dictionaries(
+    st.sampled_from(["n", "ok", "task_id", "items"]), json_scalars, max_size=4
 )
-JSON = st.recursive(
-    SCALAR,
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
-    max_leaves=20,
-)
-PAYLOAD = st.dictionaries(st.sampled_from(["n", "ok", "task_id", "items"]), SCALAR, max_size=4)
 
 
 @settings(max_examples=400)
-@given(JSON)
+@given(json_values)
 def test_any_json_becomes_a_draft_or_a_named_field_error(body: Any) -> None:
     """Whatever a client sends, the answer is a draft or a 4xx naming a field: never a crash."""
     try:
@@ -51,7 +40,7 @@ def test_any_json_becomes_a_draft_or_a_named_field_error(body: Any) -> None:
 
 @settings(max_examples=200)
 @given(
-    JSON,
+    json_values,
     st.sampled_from(["topic", "event_type", "type", "payload", "data", "specversion", "id"]),
 )
 def test_shaped_bodies_with_one_bad_field_are_blamed_on_a_field(junk: Any, key: str) -> None:
@@ -161,7 +150,7 @@ def test_the_rate_limiter_never_allows_more_than_burst_plus_rate_times_time(
 
 
 @given(
-    st.lists(st.lists(JSON, max_size=3), min_size=1, max_size=8),
+    st.lists(st.lists(json_values, max_size=3), min_size=1, max_size=8),
     st.lists(st.integers(1, 64), max_size=20),
 )
 def test_frames_survive_any_split_into_reads(messages: list[Any], cuts: list[int]) -> None:

@@ -172,23 +172,23 @@ class Config(_Strict):
     @field_validator("forward")
     @classmethod
     def _unique_consumers(cls, value: tuple[Consumer, ...]) -> tuple[Consumer, ...]:
-        names = [consumer.name for consumer in value]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"forward consumer {dupes[0]!r} is declared twice")
+        _refuse_twice([consumer.name for consumer in value], "forward consumer")
         return value
 
     @field_validator("lanes")
     @classmethod
     def _unique_lanes(cls, value: tuple[Lane, ...]) -> tuple[Lane, ...]:
-        ids = [lane.id for lane in value]
-        dupes = sorted({i for i in ids if ids.count(i) > 1})
-        if dupes:
-            raise ValueError(f"lane id {dupes[0]!r} is declared twice")
+        _refuse_twice([lane.id for lane in value], "lane id")
         return value
 
     def lane(self, lane_id: str) -> Lane | None:
         return next((lane for lane in self.lanes if lane.id == lane_id), None)
+
+
+def _refuse_twice(names: list[str], what: str) -> None:
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"{what} {dupes[0]!r} is declared twice")
 
 
 def load_config(path: Path) -> Config:
