@@ -179,7 +179,7 @@ def test_without_a_token_writes_are_refused_and_only_loopback_is_served(root: Pa
 
 def test_rate_limit_answers_429_with_retry_after(root: Path) -> None:
     with (
-        serving(root, "--dispatch-every", "0", "--rate-limit", "2", "--burst", "3") as server,
+        serving(root, "--dispatch-every", "0", "--rate-limit", "0.5", "--burst", "3") as server,
         server.client() as http,
     ):
         codes = [http.get("/events").status_code for _ in range(5)]
@@ -188,7 +188,7 @@ def test_rate_limit_answers_429_with_retry_after(root: Path) -> None:
         assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
         for probe in ("/healthz", "/readiness", "/metrics"):  # probes are never limited
             assert http.get(probe).status_code == 200
-        time.sleep(1.1)
+        time.sleep(2.1)  # a token every 2 s
         assert http.get("/events").status_code == 200  # the bucket refills
         assert "orxaq_http_rate_limited_total 3.0" in http.get("/metrics").text
 
