@@ -263,19 +263,19 @@ class Committer:
                 if group:
                     self.metrics.group_size.observe(group)
                 future = self._waiting.pop(number, None)
+                results = [Appended(*r) for r in rest[0]] if status == "ok" else []
+                fresh = sum(1 for r in results if not r.duplicate)
+                self.metrics.published.inc(fresh)  # counted even if the client has gone
+                self.metrics.duplicates.inc(len(results) - fresh)
+                if fresh:
+                    self.on_commit()
                 if future is None or future.done():
                     continue  # the request was cancelled; its events (if any) are in the log
                 if status == "error":
                     kind, message = rest
                     future.set_exception(ERROR_KINDS.get(kind, OperationFailed)(message))
-                    continue
-                results = [Appended(*r) for r in rest[0]]
-                fresh = sum(1 for r in results if not r.duplicate)
-                self.metrics.published.inc(fresh)
-                self.metrics.duplicates.inc(len(results) - fresh)
-                if fresh:
-                    self.on_commit()
-                future.set_result(results)
+                else:
+                    future.set_result(results)
         except asyncio.IncompleteReadError:
             self.failure = self.failure or "the writer process exited"
         except Exception as exc:  # pragma: no cover - a protocol bug
