@@ -1,16 +1,19 @@
-"""`mesh-sync`: one round of pull (rebase), import, dispatch, export, commit, push.
+"""`mesh-sync`: one round of pull, import, dispatch, export, commit, push.
 
-Git is driven through GitPython, and only ever with this node's own ledger paths: its
-outbox folder and its manifest. Those are the only files a commit contains, so unrelated
-work in the same repository (edited, staged or untracked) is never committed, and two
-nodes never touch the same file, which makes their commits rebase onto each other without
-conflicts by construction. A conflict elsewhere aborts the rebase and leaves the
-repository as it was.
+Git is driven through GitPython and gitwork.py, and commits only ever hold this node's
+own ledger paths: its outbox folder and its manifest. So unrelated work in the same
+repository (edited, staged or untracked) is never committed, and two nodes never touch
+the same file, which makes their commits replay onto each other without conflicts by
+construction. The pull never runs `git rebase` or `git checkout`: gitwork.py replays our
+commits onto the fetched head with git's objects and moves the work tree itself, refusing
+to write node-private, ignored or unsafe paths (reported in `refused_paths`). A clash
+elsewhere refuses the round and leaves the repository as it was.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import time
 from collections.abc import Callable
@@ -20,15 +23,18 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from . import gitwork
 from .envelope import now_timestamp
 from .errors import BadInput, OperationFailed
 from .fsutil import FileLock, atomic_write_json, read_json
+from .gitwork import Git
 from .ledger import Progress, export_events, import_events, no_progress
 from .mesh import Mesh
 
 if TYPE_CHECKING:
     from git import Repo
 
+STALE_INDEX_LOCK_SECONDS = 60  # git holds index.lock for moments; older is a killed git
 _REJECTED_MARKS = (
     "[rejected]",
     "non-fast-forward",
@@ -57,6 +63,9 @@ class SyncReport:
     push_pending: bool = False
     retries: int = 0
     offline_reason: str | None = None
+    refused_paths: list[dict[str, str]] = field(default_factory=list)  # incoming, not written
+    handler_files_changed: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -130,7 +139,7 @@ class Syncer:
                 "repository (or git init), or sync with --no-push"
             )
         if repo is not None:
-            self._check_repo(repo)
+            self._check_repo(repo, report)
             report.remote = _remote(repo)
             report.branch = repo.active_branch.name
             if report.remote is not None:
@@ -158,6 +167,8 @@ class Syncer:
                 "push_pending": report.push_pending,
                 "commit": report.commit,
                 "offline_reason": report.offline_reason,
+                "refused_paths": report.refused_paths,
+                "handler_files_changed": report.handler_files_changed,
             },
         )
         return report
@@ -172,16 +183,38 @@ class Syncer:
         ]
         return [p.relative_to(top).as_posix() for p in paths]
 
-    def _check_repo(self, repo: Repo) -> None:
+    def _check_repo(self, repo: Repo, report: SyncReport) -> None:
+        self._repair(repo, report)
         if repo.head.is_detached:
             raise BadInput(f"{repo.working_tree_dir} has a detached HEAD: check out a branch")
         top = Path(str(repo.working_tree_dir)).resolve()
         if not self.layout.ledger_dir.resolve().is_relative_to(top):
             raise BadInput(f"the ledger {self.layout.ledger_dir} is outside the work tree {top}")
-        if (Path(str(repo.git_dir)) / "rebase-merge").exists() or (
-            Path(str(repo.git_dir)) / "rebase-apply"
-        ).exists():
-            raise OperationFailed(f"a rebase is in progress in {top}; finish or abort it first")
+
+    def _git(self, repo: Repo) -> Git:
+        return Git(Path(str(repo.working_tree_dir)).resolve(), Path(str(repo.git_dir)))
+
+    def _repair(self, repo: Repo, report: SyncReport) -> None:
+        """Finish or undo what a killed sync (or an older version's rebase) left behind.
+        We hold the sync lock, so no other sync is half-way through."""
+        from git import GitCommandError
+
+        git_dir = Path(str(repo.git_dir))
+        if (git_dir / "rebase-merge").exists() or (git_dir / "rebase-apply").exists():
+            try:
+                repo.git.rebase("--abort")
+            except GitCommandError:
+                repo.git.rebase("--quit")
+            report.repaired.append("aborted an interrupted rebase")
+        lock = git_dir / "index.lock"
+        with contextlib.suppress(FileNotFoundError):
+            if time.time() - lock.stat().st_mtime > STALE_INDEX_LOCK_SECONDS:
+                lock.unlink()
+                report.repaired.append("removed a stale .git/index.lock")
+        refusals = gitwork.resume(self._git(repo), self._refuse)
+        if refusals is not None:
+            report.repaired.append("finished an interrupted pull")
+            report.refused_paths.extend(r.as_dict() for r in refusals)
 
     def _fetch(self, repo: Repo, report: SyncReport) -> bool:
         from git import GitCommandError
@@ -207,36 +240,85 @@ class Syncer:
                     f"{repo.working_tree_dir} has no commit yet but {ref} exists: "
                     f"clone the coordination repository instead of git init"
                 )
-            self._rebase(repo, ref)
+            self._take(repo, ref, report)
         report.pulled = True
 
-    def _rebase(self, repo: Repo, ref: str) -> None:
-        """Put our commits on top of `ref`. Unrelated local changes ride along (autostash)
-        only when `ref` brings no change to the same paths; otherwise git would leave
-        conflict markers in the user's files, so we refuse and change nothing."""
-        from git import GitCommandError
-
-        base = repo.git.merge_base("HEAD", ref)
-        incoming = set(repo.git.diff("--name-only", "--no-renames", base, ref).splitlines())
-        dirty: set[str] = set()
-        for line in repo.git.status("--porcelain", "--untracked-files=all").splitlines():
-            path = line[3:]
-            dirty.update(part.strip('"') for part in path.split(" -> "))
-        clash = sorted(incoming & dirty)
-        if clash:
-            raise OperationFailed(
-                f"{ref} changes {', '.join(clash[:3])}, which you have changed locally; "
-                "commit or stash that work, then sync again (nothing was changed)"
+    def _take(self, repo: Repo, ref: str, report: SyncReport) -> None:
+        """Put our commits on top of `ref` and bring the work tree along, without letting
+        the incoming commits write anything they must not (see gitwork.py)."""
+        git = self._git(repo)
+        old = git.text("rev-parse", "HEAD")
+        theirs = git.text("rev-parse", f"{ref}^{{commit}}")
+        if git.is_ancestor(theirs, old):
+            return  # nothing new
+        top = git.top
+        own = tuple(
+            os.fsencode(p.resolve().relative_to(top).as_posix())
+            for p in (
+                self.layout.outbox_dir(self.mesh.node_id),
+                self.layout.manifest_file(self.mesh.node_id),
             )
+        )
+        new = gitwork.replay(git, old, theirs, own)
+        handlers = self._handler_files(top)
+        changed = {c.path for c in git.diff(old, new)}
+        report.handler_files_changed.extend(
+            gitwork.printable(p) for p in sorted(changed & handlers)
+        )
+        refusals = gitwork.checkout(git, str(report.branch), old, new, self._refuse)
+        report.refused_paths.extend(r.as_dict() for r in refusals)
+
+    def _refuse(self, paths: list[bytes]) -> dict[bytes, str]:
+        """Incoming paths that belong to this node alone: its state, its log, and whatever
+        its .gitignore ignores (as it stands before the pull)."""
+        repo = _open_repo(self.layout.root)
+        assert repo is not None
+        git = self._git(repo)
+        private = [
+            os.fsencode(p.resolve().relative_to(git.top).as_posix())
+            for p in self._private_paths()
+            if p.resolve().is_relative_to(git.top)
+        ]
+        refused: dict[bytes, str] = {}
+        rest: list[bytes] = []
+        for path in paths:
+            if any(path == p or path.startswith(p + b"/") for p in private):
+                refused[path] = "is a node-private path; a pull never writes it"
+            elif b"\n" not in path:
+                rest.append(path)
+        if rest:
+            out = git.run(
+                "check-ignore",
+                "--no-index",
+                "-z",
+                "--stdin",
+                data=b"\0".join(rest) + b"\0",
+                ok=(0, 1),
+            )
+            for path in out.split(b"\0"):
+                if path:
+                    refused[path] = "is ignored here (.gitignore); a pull never writes it"
+        return refused
+
+    def _private_paths(self) -> list[Path]:
+        log = self.layout.log_file
+        return [self.layout.state_dir, log if log.parent == self.layout.root else log.parent]
+
+    def _handler_files(self, top: Path) -> set[bytes]:
+        """Configured handler modules given as files, relative to the work tree."""
+        from .config import load_config
+
         try:
-            repo.git.rebase("--autostash", ref)
-        except GitCommandError as exc:
-            with contextlib.suppress(GitCommandError):
-                repo.git.rebase("--abort")
-            raise OperationFailed(
-                f"could not rebase onto {ref} (a conflict outside the ledger?); the "
-                f"repository is as it was: {_one_line(exc)}"
-            ) from None
+            handlers = load_config(self.layout.state_dir / "config.toml").handlers
+        except BadInput:
+            return set()
+        found = set()
+        for name in handlers:
+            if name.endswith(".py"):
+                path = (self.layout.root / name).resolve()
+                if path.is_relative_to(top):
+                    found.add(os.fsencode(path.relative_to(top).as_posix()))
+        return found
 
     def _commit(self, repo: Repo, report: SyncReport, first: int | None, last: int | None) -> None:
         from git import GitCommandError
@@ -299,7 +381,7 @@ class Syncer:
                 return
             ref = self._remote_ref(repo, report)
             if ref is not None:
-                self._rebase(repo, ref)
+                self._take(repo, ref, report)
         raise OperationFailed(
             f"push to {report.remote} still rejected after {max_retries} retries; "
             "the commit is kept locally and the next mesh-sync pushes it"
