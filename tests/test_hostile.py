@@ -11,14 +11,17 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
 from conftest import run_process
 from gitfleet import add_node, event_ids, git, make_remote
-
 from orxaq_autonomy import Mesh
+from orxaq_autonomy.envelope import compute_event_id
+from orxaq_autonomy.node import b64url
+from orxaq_autonomy.trust import Signer, policy_bytes
 
 LEDGER = "state/github_coordination/event_mesh"
 
@@ -34,7 +37,7 @@ def publish(root: Path, event_type: str = "run.finished", **payload: object) -> 
         return mesh.publish("ci", event_type, dict(payload)).event_id
 
 
-def sync(root: Path) -> tuple[int, dict[str, object], str]:
+def sync(root: Path) -> tuple[int, Any, str]:
     result = run_process("--root", str(root), "mesh-sync", "--json")
     return result.code, result.json() if result.out.strip() else {}, result.err
 
@@ -116,7 +119,7 @@ def test_a_pushed_config_and_handler_never_run_and_private_files_stay_identical(
     assert sync(b)[0] == 3  # node-b is refused the same paths, and says so
     code, report, err = sync(a)
     assert code == 3, err
-    refused = {item["path"] for item in report["refused_paths"]}  # type: ignore[union-attr]
+    refused = {item["path"] for item in report["refused_paths"]}
     assert {
         "state/event_mesh/config.toml",
         "state/event_mesh/keys/ed25519.key",
@@ -149,7 +152,10 @@ def test_a_pull_reports_a_changed_handler_module(
 ) -> None:
     remote, a, _ = fleet
     (a / "mesh").mkdir()
-    module = "from orxaq_autonomy.handlers import handler\n\n\n@handler('ci.#')\ndef seen(event, ctx):\n    return None\n"
+    module = (
+        "from orxaq_autonomy.handlers import handler\n\n\n"
+        "@handler('ci.#')\ndef seen(event, ctx):\n    return None\n"
+    )
     (a / "mesh" / "handlers.py").write_text(module)
     git(a, "add", "mesh/handlers.py")
     git(a, "commit", "-q", "-m", "handlers")
@@ -202,7 +208,7 @@ def test_symlinks_submodules_odd_names_and_huge_blobs_are_never_checked_out(
         assert not path.is_symlink()
     code, report, err = sync(a)
     assert code == 3, err
-    reasons = {item["path"]: item["reason"] for item in report["refused_paths"]}  # type: ignore[union-attr]
+    reasons = {item["path"]: item["reason"] for item in report["refused_paths"]}
     assert "symlink" in reasons[f"{LEDGER}/nodes/node-x.json"]
     assert "symlink" in reasons[f"{LEDGER}/outbox/node-x"]
     assert "UTF-8" in reasons[f"{LEDGER}/nodes/\\xff\\xfe.json"]
@@ -249,7 +255,7 @@ def test_a_push_that_rewrites_a_nodes_own_folder_is_undone_by_that_node(
 def test_a_rebase_left_by_a_killed_sync_is_repaired_by_the_next_one(
     tmp_path: Path, fleet: tuple[Path, Path, Path]
 ) -> None:
-    remote, a, b = fleet
+    _, a, b = fleet
     publish(b)
     assert sync(b)[0] == 0
     # what a kill -9 of an older mesh-sync mid-rebase left: .git/rebase-merge
@@ -267,7 +273,7 @@ def test_a_rebase_left_by_a_killed_sync_is_repaired_by_the_next_one(
     publish(a)
     code, report, err = sync(a)
     assert code == 0, err
-    assert "aborted an interrupted rebase" in report["repaired"]  # type: ignore[operator]
+    assert "aborted an interrupted rebase" in report["repaired"]
     assert not (a / ".git" / "rebase-merge").exists()
     assert set(event_ids(b)) <= set(event_ids(a))
 
@@ -275,7 +281,7 @@ def test_a_rebase_left_by_a_killed_sync_is_repaired_by_the_next_one(
 def test_kill_9_at_any_moment_of_a_sync_never_strands_the_node(
     tmp_path: Path, fleet: tuple[Path, Path, Path]
 ) -> None:
-    remote, a, b = fleet
+    _, a, b = fleet
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     for round_number in range(8):
         for _ in range(30):
@@ -300,3 +306,128 @@ def test_kill_9_at_any_moment_of_a_sync_never_strands_the_node(
     assert len(ids) == len(set(ids))
     assert git(a, "status", "--porcelain", "--untracked-files=no") == ""
     assert not (a / ".git" / "rebase-merge").exists()
+
+
+# --- whose key is believed ---------------------------------------------------------------
+
+
+def _stranger(tmp_path: Path) -> Signer:
+    key = tmp_path / "stranger.key"
+    key.write_text("ed25519:" + b64url(os.urandom(32)))
+    return Signer(key)
+
+
+def _forge_next(root: Path, node: str, sign: Signer) -> dict[str, object]:
+    """The next event of `node` in `root`'s outbox, signed by `sign`: what a pusher can make."""
+    files = sorted(
+        (root / LEDGER / "outbox" / node).rglob("evt_*.json"),
+        key=lambda p: orjson.loads(p.read_bytes())["seq"],
+    )
+    last = orjson.loads(files[-1].read_bytes())
+    forged = {
+        **{k: v for k, v in last.items() if k not in ("sig", "event_id")},
+        "seq": last["seq"] + 1,
+        "prev": last["event_id"],
+        "clock": last["clock"] + 1,
+        "payload": {"forged": True},
+    }
+    forged["event_id"] = compute_event_id(forged)
+    forged["sig"] = sign(forged["event_id"])
+    target = files[-1].parent / f"{forged['event_id']}.json"
+    target.write_bytes(orjson.dumps(forged, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS))
+    return forged
+
+
+def test_a_lost_pin_never_lets_a_pushed_manifest_choose_the_key(
+    tmp_path: Path, fleet: tuple[Path, Path, Path]
+) -> None:
+    remote, a, b = fleet
+    publish(a)
+    publish(a)
+    assert sync(a)[0] == 0
+    assert sync(b)[0] == 0  # node-b holds node-a's events and pins its key
+    (b / "state/event_mesh/trust_pins.json").unlink()  # lost (or stale after a crash)
+    mallory = _stranger(tmp_path)
+    evil = attacker_clone(tmp_path, remote)
+    forged = _forge_next(evil, "node-a", mallory)
+    manifest = evil / LEDGER / "nodes" / "node-a.json"
+    data = orjson.loads(manifest.read_bytes())
+    data.update(
+        public_key=mallory.public_key,
+        keys=[{"public_key": mallory.public_key, "from_seq": 1}],
+        head={"seq": forged["seq"], "event_id": forged["event_id"]},
+    )
+    manifest.write_bytes(orjson.dumps(data, option=orjson.OPT_INDENT_2))
+    git(evil, "add", "-A")
+    git(evil, "commit", "-qm", "node-a has a new key")
+    git(evil, "push", "-q", "origin", "HEAD:main")
+    code, report, err = sync(b)
+    assert code == 3, err
+    assert forged["event_id"] not in event_ids(b)
+    assert any(
+        "node-a" in item["reason"] or "signature" in item["reason"] for item in report["rejected"]
+    )
+    # node-a's real events still pass once node-a syncs (it restores its own manifest)
+    real = publish(a)
+    assert sync(a)[0] == 0
+    assert sync(b)[0] in (0, 3)
+    assert real in event_ids(b)
+
+
+def test_a_rotation_the_new_key_did_not_sign_is_refused(
+    tmp_path: Path, fleet: tuple[Path, Path, Path]
+) -> None:
+    _, a, b = fleet
+    publish(a)
+    assert sync(a)[0] == 0 and sync(b)[0] == 0
+    mallory = _stranger(tmp_path)
+    with Mesh.open(a) as mesh:  # what any publisher could make the node sign before
+        mesh.publish(
+            "mesh",
+            "trust.key_rotated",
+            {"public_key": mallory.public_key, "previous_key": mesh.current_signer().public_key},
+            system=True,
+        )
+    assert sync(a)[0] == 0
+    code, report, _ = sync(b)
+    assert code == 3
+    assert any("without a valid proof" in item["reason"] for item in report["rejected"])
+    verify = run_process("--root", str(b), "mesh-verify", "--json")
+    assert verify.code == 3 and "without a valid proof" in verify.out
+
+
+def test_a_pushed_trust_policy_counts_only_when_signed_by_a_pinned_key(
+    tmp_path: Path, fleet: tuple[Path, Path, Path]
+) -> None:
+    remote, a, b = fleet
+    publish(a)
+    assert sync(a)[0] == 0
+    with Mesh.open(b) as mesh:
+        key_b = mesh.current_signer().public_key
+    (b / "state/event_mesh/config.toml").write_text(f'[trust]\npolicy_keys = ["{key_b}"]\n')
+    mallory = _stranger(tmp_path)
+    evil = attacker_clone(tmp_path, remote)
+    policy = {"nodes": {"node-a": {"keys": [mallory.public_key]}}}
+    for signed in (False, True):  # unsigned, then signed by the attacker's own key
+        body: dict[str, Any] = dict(policy)
+        if signed:
+            body["signed_by"] = mallory.public_key
+            body["sig"] = mallory.sign_bytes(policy_bytes(body))
+        git(evil, "pull", "-q", "--rebase", "origin", "main")
+        (evil / LEDGER / "trust.json").write_bytes(orjson.dumps(body))
+        git(evil, "add", "-A")
+        git(evil, "commit", "-qm", "policy")
+        git(evil, "push", "-q", "origin", "HEAD:main")
+        code, report, _ = sync(b)
+        assert code == 3
+        reasons = [i["reason"] for i in report["rejected"]]
+        assert any("not signed by a key pinned" in r for r in reasons), reasons
+        assert set(event_ids(a)) <= set(event_ids(b))  # node-a is still believed
+    # the policy signed by the pinned key counts
+    own = b / "policy.json"
+    own.write_bytes(orjson.dumps({"nodes": {"node-b": {"keys": [key_b]}}}))
+    assert run_process("--root", str(b), "mesh-sign-policy", str(own)).code == 0
+    publish(a)
+    assert sync(a)[0] == 3  # node-a pins no policy key: it reports the policy and ignores it
+    code, report, _ = sync(b)
+    assert code == 3 and any("not in trust.json" in i["reason"] for i in report["rejected"])

@@ -124,11 +124,16 @@ def test_trust_policy_decides_which_nodes_are_believed(
         key_a = mesh.manifests()["node-a"]["public_key"]
     sync(a)
     git(b, "pull", "-q", "--rebase", "origin", "main")
-    policy = b / LEDGER / "trust.json"
+    with Mesh.open(b) as mesh:  # node-b pins its own key as the policy signer
+        key_b = mesh.manifests()["node-b"]["public_key"]
+    (b / "state/event_mesh/config.toml").write_text(f'[trust]\npolicy_keys = ["{key_b}"]\n')
+    policy = b / "policy.json"
     policy.write_text(orjson.dumps({"nodes": {"node-b": {"keys": []}}}).decode())
+    assert cli("--root", str(b), "mesh-sign-policy", str(policy)).code == 0
     refused = cli("--root", str(b), "mesh-import", "--json")
     assert refused.code == 3 and "not in trust.json" in refused.json()["rejected"][0]["reason"]
     policy.write_text(orjson.dumps({"nodes": {"node-a": {"keys": [fingerprint(key_a)]}}}).decode())
+    assert cli("--root", str(b), "mesh-sign-policy", str(policy)).code == 0
     allowed = cli("--root", str(b), "mesh-import", "--json")
     assert allowed.code == 0 and allowed.json()["imported"] == 1
 

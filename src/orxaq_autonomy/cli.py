@@ -578,8 +578,12 @@ def mesh_sync(
         + (f"committed {report.commit[:10]}; " if report.commit else "nothing to commit; ")
         + where
     )
+    for path in report.handler_files_changed:
+        sys.stderr.write(f"orxaq-autonomy: the pull changed handler module {path}: review it\n")
+    for what in report.repaired:
+        sys.stderr.write(f"orxaq-autonomy: repaired: {what}\n")
     _emit(as_json, report.as_dict(), human)
-    _exit_partial(report.rejected)
+    _exit_partial([*report.rejected, *report.refused_paths])
 
 
 @app.command("mesh-verify")
@@ -588,11 +592,20 @@ def mesh_verify(
         str | None,
         typer.Option("--since", help="Only nodes touched since this git revision (a PR base)."),
     ] = None,
+    policy_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--policy-key",
+            help="A key whose signature makes trust.json count (besides the node's config).",
+        ),
+    ] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Check the ledger as a PR check; works on any checkout (exit 3 on problems)."""
+    from .config import load_config
     from .ledger import verify_ledger
     from .paths import resolve_layout
+    from .trust import public_key_bytes
 
     layout = resolve_layout(_globals.root)
     if not layout.ledger_dir.is_dir():
@@ -602,7 +615,10 @@ def mesh_verify(
         from .sync import changed_since
 
         changed, base = changed_since(layout.root, layout.ledger_dir, since)
-    report = verify_ledger(layout, changed, base)
+    keys = [*load_config(layout.state_dir / "config.toml").trust.policy_keys, *(policy_key or [])]
+    for key in policy_key or []:
+        public_key_bytes(key)
+    report = verify_ledger(layout, changed, base, keys)
     human = f"checked {report.checked} files of {report.nodes} nodes: " + (
         "ok" if report.ok else f"{len(report.problems)} problems"
     )
@@ -618,6 +634,22 @@ def mesh_rotate_key(as_json: JsonOpt = False) -> None:
     human = (
         f"rotated: {result['previous_key']} -> {result['public_key']} "
         f"(announced by {result['event_id'][:16]}, seq {result['seq']}); sync to publish it"
+    )
+    _emit(as_json, result, human)
+
+
+@app.command("mesh-sign-policy")
+def mesh_sign_policy(
+    policy_file: Annotated[str, typer.Argument(help='JSON: {"nodes": {node: {"keys": [...]}}}')],
+    as_json: JsonOpt = False,
+) -> None:
+    """Sign a trust policy with this node's key and write it as the ledger's trust.json."""
+    mesh = _open()
+    policy = _read_payload(mesh, None, policy_file)
+    result = mesh.sign_policy(policy)
+    human = (
+        f"wrote {result['path']} signed by {result['signed_by']}; nodes that pin this key "
+        "in [trust] policy_keys believe it"
     )
     _emit(as_json, result, human)
 
@@ -653,6 +685,35 @@ def mesh_serve(
             "events (0: never; leave it to mesh-dispatch).",
         ),
     ] = 1.0,
+    max_connections: Annotated[
+        int,
+        typer.Option(
+            "--max-connections",
+            help="Connections open at once; beyond, the oldest idle one is closed, or 503.",
+        ),
+    ] = 1024,
+    max_connections_per_client: Annotated[
+        int,
+        typer.Option(
+            "--max-connections-per-client",
+            help="Connections open at once from one address (0: no cap); beyond: 503.",
+        ),
+    ] = 64,
+    header_timeout: Annotated[
+        float,
+        typer.Option(
+            "--header-timeout",
+            help="Seconds a connection has to send a request's headers (from connecting, or"
+            " from the last answer); then it is closed.",
+        ),
+    ] = 10.0,
+    body_timeout: Annotated[
+        float,
+        typer.Option(
+            "--body-timeout",
+            help="Seconds a request has to send its body, after its headers; then 408.",
+        ),
+    ] = 30.0,
     as_json: JsonOpt = False,
 ) -> None:
     """Serve the HTTP API (POST /events, GET /events, /metrics, ...) until interrupted."""
@@ -664,6 +725,10 @@ def mesh_serve(
         _bad("need --rate-limit >= 0, --burst >= 1 and --max-body >= 1024")
     if dispatch_every < 0:
         _bad(f"bad --dispatch-every {dispatch_every}: need seconds >= 0")
+    if max_connections < 1 or max_connections_per_client < 0:
+        _bad("need --max-connections >= 1 and --max-connections-per-client >= 0")
+    if not (0 < header_timeout < float("inf") and 0 < body_timeout < float("inf")):
+        _bad("need --header-timeout and --body-timeout > 0 seconds")
     mesh = _open()
     token = load_token(token_file)
     os.environ.pop(TOKEN_ENV, None)  # lane commands and handlers need not inherit it
@@ -673,6 +738,10 @@ def mesh_serve(
         burst=burst if burst is not None else max(1, int(2 * rate_limit)),
         max_body=max_body,
         dispatch_every=dispatch_every,
+        max_connections=max_connections,
+        max_connections_per_client=max_connections_per_client,
+        header_timeout=header_timeout,
+        body_timeout=body_timeout,
     )
     gateway = Gateway(mesh, settings)
     sock = listen(host, port, token)

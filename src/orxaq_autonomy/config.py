@@ -162,8 +162,27 @@ class Consumer(_Strict):
         return value
 
 
+class Trust(_Strict):
+    """Keys whose signature makes the ledger's trust.json count (see trust.py)."""
+
+    policy_keys: tuple[str, ...] = ()
+
+    @field_validator("policy_keys")
+    @classmethod
+    def _keys(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        from .trust import public_key_bytes
+
+        for key in value:
+            try:
+                public_key_bytes(key)
+            except BadInput as exc:
+                raise ValueError(exc.message) from None
+        return value
+
+
 class Config(_Strict):
     handlers: tuple[str, ...] = ()
+    trust: Trust = Trust()
     dispatch: DispatchPolicy = DispatchPolicy()
     scaling: Scaling = Scaling()
     lanes: tuple[Lane, ...] = ()
@@ -212,6 +231,11 @@ TEMPLATE = """\
 # Python modules with extra handlers (dotted names on sys.path, or .py files relative to
 # the root). Functions decorated with @orxaq_autonomy.handlers.handler are registered.
 # handlers = ["my_team.mesh_handlers", "mesh/handlers.py"]
+
+[trust]
+# The ledger's trust.json (whose keys each node is) counts only when signed by one of
+# these keys (mesh-sign-policy makes the signature); unsigned, it is reported and ignored.
+# policy_keys = ["ed25519:..."]
 
 [dispatch]
 # max_attempts = 3            # a failing handler is dead-lettered after this many tries

@@ -37,10 +37,12 @@ from .envelope import (
     check_event_type,
     check_fits,
     check_node_id,
+    check_not_reserved,
     check_payload,
     check_text,
     check_topic,
     now_timestamp,
+    refuse_credential,
     routing_key,
 )
 from .errors import BadInput, OperationFailed
@@ -133,20 +135,25 @@ def followup_key(handler: str, cause_id: str, fu: FollowUp) -> str:
     return "fu:" + hashlib.sha256(canonical_bytes(body)).hexdigest()[:40]
 
 
-def make_followup(handler: str, cause: Envelope, fu: FollowUp) -> Draft:
-    """The follow-up's draft: everything but its content is taken from the cause."""
+def make_followup(handler: str, cause: Envelope, fu: FollowUp, *, system: bool = False) -> Draft:
+    """The follow-up's draft: everything but its content is taken from the cause. A
+    handler may not ask for the reserved topic `mesh` (only the dispatcher's own notices
+    pass `system=True`), nor put a credential in any string: either is a `BadInput`, which
+    dead-letters the cause like any other invalid follow-up."""
     if not isinstance(fu, FollowUp):
         raise TypeError(f"handler returned {type(fu).__name__}, not FollowUp")
     # What the handler chose is validated; what comes from the (valid) cause is not again.
     draft = Draft(
-        topic=check_topic(fu.topic),
+        topic=check_not_reserved(check_topic(fu.topic), system),
         event_type=check_event_type(fu.event_type),
         payload=check_payload(fu.payload),
-        source=f"handler:{handler}",
+        source=check_text(f"handler:{handler}", "source"),
         timestamp=cause["timestamp"],
         causation_id=cause["event_id"],
         correlation_id=cause.get("correlation_id", cause["event_id"]),
-        target=None if fu.target is None else check_node_id(fu.target, "target"),
+        target=None
+        if fu.target is None
+        else refuse_credential(check_node_id(fu.target, "target"), "target"),
         partition_key=cause.get("partition_key"),
         tenant=cause.get("tenant"),
         idempotency_key=check_text(fu.key, "follow-up key")
@@ -531,12 +538,15 @@ class Dispatcher:
                 "attempts": entry.attempts,
             }
             fu = FollowUp("mesh", "dispatch.dead_lettered", payload, key=key)
-            return make_followup("dispatcher", event, fu)
+            return make_followup("dispatcher", event, fu, system=True)
 
         try:
             draft = notice(error)
         except BadInput:  # the error text looks like a secret: it stays in the local record
-            draft = notice(f"{type(exc).__name__} (message withheld: see mesh-dlq list)")
+            try:
+                draft = notice(f"{type(exc).__name__} (message withheld: see mesh-dlq list)")
+            except BadInput:  # so does the handler's name: the local record alone tells
+                return []
         return [("dispatcher", draft)]
 
     def _commit(
@@ -544,7 +554,11 @@ class Dispatcher:
     ) -> None:
         """Follow-ups first, then the cursor: a crash between re-handles, never loses."""
         if drafts:
-            results = self.mesh.publish_drafts([draft for _, draft in drafts], keep_envelopes=False)
+            # make_followup has refused the reserved topic to every handler: the `mesh`
+            # drafts here are the dispatcher's own dead-letter notices
+            results = self.mesh.publish_drafts(
+                [draft for _, draft in drafts], keep_envelopes=False, system=True
+            )
             fresh = sum(1 for r in results if not r.duplicate)
             report.followups += fresh
             report.duplicates += len(results) - fresh

@@ -11,8 +11,9 @@ from __future__ import annotations
 import hashlib
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 import orjson
@@ -66,51 +67,85 @@ DRAFT_FIELDS = frozenset(
 
 _DUMP_OPTS = orjson.OPT_SORT_KEYS
 
+# The topic of the product's own events (key rotation, dead letters, fork detection,
+# schema changes). Only the mesh itself publishes it (`system=True`); every way in for a
+# user (mesh-publish, POST /events, handler follow-ups) refuses it. Import keeps it.
+RESERVED_TOPIC = "mesh"
+# Envelope strings whose format leaves no room for a credential (hex ids, a base64url
+# signature, a fixed timestamp shape). Every other string of an event is scanned.
+_FIXED_FORMAT_FIELDS = frozenset({"event_id", "prev", "sig", "causation_id", "timestamp"})
+
+
+class ReservedTopic(BadInput):
+    """A publisher other than the mesh itself asked for the reserved topic."""
+
 
 # --- field rules -------------------------------------------------------------------------
+
+
+def refuse_credential(value: str, what: str) -> str:
+    """`value`, unless it looks like a credential. The message never repeats the value."""
+    if looks_like_credential(value):
+        raise BadInput(f"refused {what}: it looks like a credential; keep secrets out of events")
+    return value
+
+
+def _bad_value(what: str, value: Any, need: str) -> BadInput:
+    """The error for a value that fails its format. Built only on failure; a value that
+    looks like a credential is refused as one, so that no message ever repeats it."""
+    if isinstance(value, str):
+        refuse_credential(value, what)
+    return BadInput(f"bad {what} {value!r}: {need}")
 
 
 def normalise_node_id(raw: str) -> str:
     """Lower-case and replace characters outside `[a-z0-9.-]` with `-`; refuse the rest."""
     norm = _INVALID_NODE_CHARS_RE.sub("-", raw.strip().lower())
     if not NODE_ID_RE.fullmatch(norm):
-        raise BadInput(
-            f"bad node id {raw!r}: need 1-63 characters of [a-z0-9.-], "
-            "starting with a letter or digit"
+        raise _bad_value(
+            "node id", raw, "need 1-63 characters of [a-z0-9.-], starting with a letter or digit"
         )
     return norm
 
 
 def check_node_id(value: Any, what: str = "node_id") -> str:
     if not isinstance(value, str) or not NODE_ID_RE.fullmatch(value):
-        raise BadInput(f"bad {what} {value!r}: need 1-63 characters of [a-z0-9.-]")
+        raise _bad_value(what, value, "need 1-63 characters of [a-z0-9.-]")
     return value
 
 
 def check_topic(value: Any) -> str:
     if not isinstance(value, str) or not TOPIC_RE.fullmatch(value):
-        raise BadInput(f"bad topic {value!r}: need one segment of [a-z0-9_-]+")
-    return value
+        raise _bad_value("topic", value, "need one segment of [a-z0-9_-]+")
+    return refuse_credential(value, "topic")
+
+
+def check_not_reserved(topic: str, system: bool = False) -> str:
+    """`topic`, unless it is the reserved `mesh` topic and the publisher is not the mesh."""
+    if topic == RESERVED_TOPIC and not system:
+        raise ReservedTopic(f"topic {RESERVED_TOPIC!r} is reserved for the mesh's own events")
+    return topic
 
 
 def check_event_type(value: Any) -> str:
     if not isinstance(value, str) or not EVENT_TYPE_RE.fullmatch(value):
-        raise BadInput(f"bad event type {value!r}: need dot-separated segments of [a-z0-9_-]+")
-    return value
+        raise _bad_value("event type", value, "need dot-separated segments of [a-z0-9_-]+")
+    return refuse_credential(value, "event type")
 
 
 def check_event_id(value: Any, what: str = "event id") -> str:
     if not isinstance(value, str) or not EVENT_ID_RE.fullmatch(value):
-        raise BadInput(f"bad {what} {value!r}: need evt_ followed by 64 lower-case hex digits")
+        raise _bad_value(what, value, "need evt_ followed by 64 lower-case hex digits")
     return value
 
 
 def check_text(value: Any, what: str) -> str:
+    """A string of 1-256 characters without control characters or credentials."""
     if not isinstance(value, str) or not value or len(value) > MAX_FIELD_CHARS:
-        raise BadInput(f"bad {what} {value!r}: need a string of 1-{MAX_FIELD_CHARS} characters")
+        raise _bad_value(what, value, f"need a string of 1-{MAX_FIELD_CHARS} characters")
     if _CONTROL_RE.search(value):
-        raise BadInput(f"bad {what} {value!r}: control characters are not allowed")
-    return value
+        raise _bad_value(what, value, "control characters are not allowed")
+    return refuse_credential(value, what)
 
 
 def format_timestamp(moment: datetime) -> str:
@@ -132,12 +167,10 @@ def normalise_timestamp(raw: Any, what: str = "timestamp") -> str:
             raise ValueError
         moment = datetime.fromisoformat(raw.upper().replace("Z", "+00:00"))
         if moment.tzinfo is None:
-            raise BadInput(f"bad {what} {raw!r}: RFC 3339 needs an offset or Z")
+            raise _bad_value(what, raw, "RFC 3339 needs an offset or Z")
         return format_timestamp(moment)
     except (ValueError, OverflowError):
-        raise BadInput(
-            f"bad {what} {raw!r}: need an RFC 3339 time, e.g. 2026-11-22T12:34:56Z"
-        ) from None
+        raise _bad_value(what, raw, "need an RFC 3339 time, e.g. 2026-11-22T12:34:56Z") from None
 
 
 def check_payload(payload: Any) -> dict[str, Any]:
@@ -175,10 +208,21 @@ def _holds_value(value: Any) -> bool:
     return True
 
 
+_KEY_OK, _KEY_NAMES_SECRET, _KEY_IS_CREDENTIAL = 0, 1, 2
+
+
+@lru_cache(maxsize=4096)  # payload keys repeat across events; values do not
+def _key_verdict(key: str) -> int:
+    if looks_like_credential(key):
+        return _KEY_IS_CREDENTIAL
+    return _KEY_NAMES_SECRET if is_secret_key(key) else _KEY_OK
+
+
 def payload_problem(value: Any, path: str = "payload", depth: int = 0) -> str | None:
     """Why `value` may not go into an event, or None. One walk checks that it is
     canonical-safe JSON (string keys, signed 64-bit integers, finite floats, depth <= 64)
-    and that it holds no secret. Scalars are handled inline: this runs once per event."""
+    and that it holds no secret: no key or value looks like a credential, no key that
+    names a secret holds a value. Scalars are handled inline: this runs once per event."""
     kind = type(value)
     if kind is str:
         if looks_like_credential(value):
@@ -191,11 +235,18 @@ def payload_problem(value: Any, path: str = "payload", depth: int = 0) -> str | 
             if type(key) is not str:
                 return f"bad payload: {path} has a non-string key {key!r}"
             item_kind = type(item)
-            if is_secret_key(key) and _holds_value(item):
-                return (
-                    f"refused payload: {path}.{key} is a secret-looking key holding a "
-                    "value; keep secrets out of events"
-                )
+            verdict = _key_verdict(key)
+            if verdict:
+                if verdict == _KEY_IS_CREDENTIAL:
+                    return (
+                        f"refused payload: a key in {path} looks like a credential; "
+                        "keep secrets out of events"
+                    )
+                if _holds_value(item):
+                    return (
+                        f"refused payload: {path}.{key} is a secret-looking key holding a "
+                        "value; keep secrets out of events"
+                    )
             if item_kind is str:
                 if looks_like_credential(item):
                     return (
@@ -297,6 +348,8 @@ class Draft(NamedTuple):
         tenant: Any = None,
         idempotency_key: Any = None,
     ) -> Draft:
+        """Every field checked, every string scanned for credentials. (Whether the topic
+        may be published is the publisher's check: see `check_not_reserved`.)"""
         return cls(
             topic=check_topic(topic),
             event_type=check_event_type(event_type),
@@ -309,7 +362,9 @@ class Draft(NamedTuple):
             correlation_id=None
             if correlation_id is None
             else check_text(correlation_id, "correlation id"),
-            target=None if target is None else normalise_node_id(check_text(target, "target")),
+            target=None
+            if target is None
+            else refuse_credential(normalise_node_id(check_text(target, "target")), "target"),
             partition_key=None
             if partition_key is None
             else check_text(partition_key, "partition key"),
@@ -340,6 +395,14 @@ class Draft(NamedTuple):
     @property
     def routing_key(self) -> str:
         return f"{self.topic}.{self.event_type}"
+
+
+def unreserved(drafts: Iterable[Draft]) -> Iterator[Draft]:
+    """The drafts, refusing (lazily, so a batch still goes in whole or not at all) any on
+    the reserved topic."""
+    for draft in drafts:
+        check_not_reserved(draft.topic)
+        yield draft
 
 
 def canonical_bytes(body: dict[str, Any]) -> bytes:
@@ -475,11 +538,11 @@ def _check_envelope(env: Any) -> None:
         check_event_id(env["prev"], "prev")
     stamp = env["timestamp"]
     if not isinstance(stamp, str) or not TIMESTAMP_RE.fullmatch(stamp):
-        raise InvalidEnvelope(f"bad timestamp {stamp!r}: need UTC with microseconds")
+        raise _bad_value("timestamp", stamp, "need UTC with microseconds")
     try:
         datetime.fromisoformat(stamp[:-1])
     except ValueError:
-        raise InvalidEnvelope(f"bad timestamp {stamp!r}: no such date or time") from None
+        raise _bad_value("timestamp", stamp, "no such date or time") from None
     check_topic(env["topic"])
     check_event_type(env["event_type"])
     check_text(env["source"], "source")
@@ -491,6 +554,10 @@ def _check_envelope(env: Any) -> None:
     for name in ("correlation_id", "partition_key", "tenant", "idempotency_key"):
         if name in env:
             check_text(env[name], name.replace("_", " "))
+    # Every other string of the envelope, whatever its field (node_id, topic, subject, ...).
+    for name, value in env.items():
+        if type(value) is str and name not in _FIXED_FORMAT_FIELDS:
+            refuse_credential(value, name.replace("_", " "))
     if "sig" in env and (not isinstance(env["sig"], str) or not SIG_RE.fullmatch(env["sig"])):
         raise InvalidEnvelope("bad sig: need ed25519: followed by 86 base64url characters")
     check_event_id(env["event_id"])

@@ -13,9 +13,12 @@ concurrent writes in groups (writer.py), so that many requests share each flush 
 event loop never waits on the disk or on the writer's CPU. Reads run on a reader thread of
 their own for the same reason.
 
-Security, in the order a request meets it: per-client rate limit (429 with Retry-After);
-the bearer token, compared in constant time before any body is read (no token configured:
-writes are refused; tokens in the query string are refused); the body limit (413).
+Security, in the order a request meets it: connection caps, in total and per client
+address (a connection over them is answered 503 and closed at once, so that file descriptors
+stay bounded); the header timeout (a connection that has not sent a request's headers in
+time is closed); per-client rate limit (429 with Retry-After); the bearer token, compared in
+constant time before any body is read (no token configured: writes are refused; tokens in
+the query string are refused); the body limit (413) and the body timeout (408).
 """
 
 from __future__ import annotations
@@ -35,12 +38,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import orjson
 from starlette.applications import Starlette
@@ -74,6 +77,10 @@ class Settings:
     max_batch_events: int = 10_000
     max_queued_events: int = 100_000  # beyond this, writes get 503 until the disk catches up
     dispatch_every: float = 1.0  # seconds between background dispatch runs; 0 turns it off
+    max_connections: int = 1024  # open at once; beyond, the oldest idle one makes room, or 503
+    max_connections_per_client: int = 64  # open at once from one address; 0 turns it off
+    header_timeout: float = 10.0  # seconds for a request's headers, from connect or last answer
+    body_timeout: float = 30.0  # seconds for a request's body, from the end of its headers
 
 
 def load_token(token_file: str | None, env: Mapping[str, str] | None = None) -> bytes | None:
@@ -373,10 +380,13 @@ class Gateway:
             Route("/metrics", self._guard(self.prometheus), methods=["GET"]),
         ]
         self.app: ASGIApp = _Timing(
-            Starlette(
-                routes=routes,
-                lifespan=self._lifespan,
-                exception_handlers={StarletteHTTPException: _routing_error},
+            _BodyDeadline(
+                Starlette(
+                    routes=routes,
+                    lifespan=self._lifespan,
+                    exception_handlers={StarletteHTTPException: _routing_error},
+                ),
+                settings.body_timeout,
             ),
             self.metrics,
         )
@@ -704,7 +714,199 @@ class _Timing:
             self.metrics.requests.labels(route, method, str(status)).inc()
 
 
+class BodyTimeout(HTTPError):
+    """The request's body did not arrive in time: answered 408, and the connection closes."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            408,
+            f"the request body did not arrive within {seconds:g}s",
+            headers={"Connection": "close"},
+        )
+
+
+class _BodyDeadline:
+    """A request's body must be complete within `seconds` of its headers. A client that
+    dribbles it gets 408 (raised from `receive`, so the endpoint stops reading and nothing
+    is appended) and the connection is closed."""
+
+    def __init__(self, app: ASGIApp, seconds: float) -> None:
+        self.app = app
+        self.seconds = seconds
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.seconds
+        complete = False
+
+        async def receiving() -> Message:
+            nonlocal complete
+            if complete:  # later calls wait for the disconnect, as long as they like
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), deadline - loop.time())
+            except TimeoutError:
+                raise BodyTimeout(self.seconds) from None
+            complete = message["type"] != "http.request" or not message.get("more_body")
+            return message
+
+        await self.app(scope, receiving, send)
+
+
 # --- serving -------------------------------------------------------------------------------
+
+BACKLOG = 2048  # connections the kernel queues before they are accepted
+FD_RESERVE = 128  # files the process keeps for itself: the log, the index, the writer, ...
+
+
+class _Connection(Protocol):
+    @property
+    def awaiting_headers(self) -> bool: ...
+
+    def evict(self) -> None: ...
+
+
+class _Door:
+    """The connections open now, oldest first, and how many each client address holds."""
+
+    def __init__(self, limit: int, per_client: int, header_timeout: float) -> None:
+        self.limit = limit
+        self.per_client = per_client  # 0: no cap per address
+        self.header_timeout = header_timeout
+        self.open: dict[_Connection, str] = {}  # -> client address; in arrival order
+        self.by_client: Counter[str] = Counter()
+
+    def admit(self, connection: _Connection, client: str) -> str | None:
+        """None if `connection` may stay, else why it may not. At the total cap, the oldest
+        connection that is waiting for a request's headers (slow, or idle between requests)
+        is closed to make room: a slow client cannot keep a fresh one out."""
+        if self.per_client and self.by_client[client] >= self.per_client:
+            return f"{self.per_client} connections from {client} are open"
+        if len(self.open) >= self.limit:
+            waiting = next((c for c in self.open if c.awaiting_headers), None)
+            if waiting is None:
+                return f"{self.limit} connections are open, all busy"
+            self.release(waiting)
+            waiting.evict()
+        self.open[connection] = client
+        self.by_client[client] += 1
+        return None
+
+    def release(self, connection: _Connection) -> None:
+        client = self.open.pop(connection, None)
+        if client is not None:
+            self.by_client[client] -= 1
+            if not self.by_client[client]:
+                del self.by_client[client]
+
+
+def _raw_answer(status: int, message: str, *headers: str) -> bytes:
+    """A whole HTTP answer that closes the connection, for where there is no app to give it."""
+    body = orjson.dumps({"error": {"code": status, "message": message}})
+    reason = {408: "Request Timeout", 503: "Service Unavailable"}[status]
+    head = [
+        f"HTTP/1.1 {status} {reason}",
+        "content-type: application/json",
+        f"content-length: {len(body)}",
+        "connection: close",
+        *headers,
+    ]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def _protocol(door: _Door) -> type[asyncio.Protocol]:
+    """uvicorn's httptools protocol with the connection caps and the header timeout, which
+    uvicorn has not: its keep-alive timer stops at a request's first byte, so a client
+    sending a header line every few seconds would hold its connection forever."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    class Guarded(HttpToolsProtocol):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.admitted = False
+            self.begun = False  # a request has started and its headers are not complete
+            self.header_timer: asyncio.TimerHandle | None = None
+
+        @property
+        def awaiting_headers(self) -> bool:
+            return self.header_timer is not None
+
+        def evict(self) -> None:
+            self._stop_waiting()
+            self.transport.abort()  # the descriptor is freed now, not after a flush
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            refusal = door.admit(self, self.client[0] if self.client else "unknown")
+            if refusal is not None:
+                transport.write(_raw_answer(503, refusal, "retry-after: 1"))
+                transport.close()
+                return
+            self.admitted = True
+            self._await_headers()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._stop_waiting()
+            door.release(self)
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            if self.admitted:  # a refused connection is closing: what it sends is ignored
+                super().data_received(data)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self.begun = True
+
+        def on_headers_complete(self) -> None:
+            self._stop_waiting()
+            self.begun = False
+            super().on_headers_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if self.timeout_keep_alive_task is not None:  # kept alive for the next request
+                self._await_headers()
+
+        def _await_headers(self) -> None:
+            self._stop_waiting()
+            self.header_timer = self.loop.call_later(door.header_timeout, self._headers_late)
+
+        def _stop_waiting(self) -> None:
+            if self.header_timer is not None:
+                self.header_timer.cancel()
+                self.header_timer = None
+
+        def _headers_late(self) -> None:
+            self.header_timer = None
+            if self.transport.is_closing():
+                return
+            if self.begun:
+                message = f"the request headers did not arrive within {door.header_timeout:g}s"
+                self.transport.write(_raw_answer(408, message))
+            self.transport.close()
+
+    return Guarded
+
+
+def _fit_open_files(connections: int) -> int:
+    """Raise the soft limit on open files so that `connections`, the listen backlog and
+    the process's own files fit (as far as the hard limit allows); the connections that fit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = connections + BACKLOG + FD_RESERVE
+    if soft != resource.RLIM_INFINITY and soft < need:
+        target = need if hard == resource.RLIM_INFINITY else min(need, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if soft == resource.RLIM_INFINITY:
+        return connections
+    return max(1, min(connections, soft - FD_RESERVE))
 
 
 def listen(host: str, port: int, token: bytes | None) -> socket.socket:
@@ -725,7 +927,7 @@ def listen(host: str, port: int, token: bytes | None) -> socket.socket:
     except OSError as exc:
         sock.close()
         raise BadInput(f"cannot listen on {host}:{port}: {exc.strerror}") from None
-    sock.listen(2048)
+    sock.listen(BACKLOG)
     return sock
 
 
@@ -733,10 +935,20 @@ def serve(gateway: Gateway, sock: socket.socket) -> None:
     """Serve until SIGINT or SIGTERM; writes already accepted are appended before exit."""
     import uvicorn
 
+    settings = gateway.settings
+    limit = _fit_open_files(settings.max_connections)
+    if limit < settings.max_connections:
+        print(
+            f"orxaq-autonomy: warning: --max-connections {settings.max_connections} lowered to"
+            f" {limit}: the limit on open files is too low (ulimit -n)",
+            file=sys.stderr,
+        )
+    door = _Door(limit, settings.max_connections_per_client, settings.header_timeout)
     config = uvicorn.Config(
         gateway.app,
         loop="uvloop",
-        http="httptools",
+        http=_protocol(door),
+        ws="none",  # no WebSocket routes; an upgraded connection would escape the caps
         lifespan="on",
         access_log=False,
         log_level="warning",

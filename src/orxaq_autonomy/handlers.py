@@ -10,7 +10,9 @@
 Handlers never write to the log: the dispatcher appends what they return, with
 `causation_id`, `correlation_id`, `partition_key`, `tenant` and the timestamp taken from the
 cause, and an idempotency key derived from the cause, the handler and the content, so that
-handling a cause twice can never append a follow-up twice.
+handling a cause twice can never append a follow-up twice. A follow-up on the topic `mesh`
+(the mesh's own events) or holding a credential in any string is refused: the cause is
+dead-lettered, as for any other invalid follow-up.
 Scopes: `origin` runs only on the node that authored the event (the default), `target` only
 on the node named in `target` (the author when there is none), `every` on every node.
 """

@@ -13,13 +13,24 @@ Three shapes, told apart by their keys:
 
 Every problem is an `InvalidField` naming the request's own field (`type`, `data`, ...),
 so a 422 tells the caller what to fix in the terms they used.
+Every string of the request that reaches the event (CloudEvents `id` and `subject`
+included) is checked for credentials, and the topic `mesh` is refused: it is the mesh's
+own.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .envelope import DRAFT_FIELDS, MAX_EVENT_BYTES, OPTIONAL_FIELDS, Draft, check_fits
+from .envelope import (
+    DRAFT_FIELDS,
+    MAX_EVENT_BYTES,
+    OPTIONAL_FIELDS,
+    Draft,
+    ReservedTopic,
+    check_fits,
+    check_not_reserved,
+)
 from .errors import BadInput, EventTooLarge
 
 DEFAULT_SOURCE = "http"
@@ -188,13 +199,15 @@ def _split_type(value: Any, name: str) -> tuple[str, str]:
 def _build(fields: Fields, names: Names, size_bound: int) -> Draft:
     try:
         draft = Draft.from_mapping(fields, DEFAULT_SOURCE)
+        # the mesh's own topic (key rotation, dead letters, ...) is never published over HTTP
+        check_not_reserved(draft.topic)
         if size_bound > _SMALL:
             check_fits(draft)
         return draft
     except EventTooLarge:
         raise
     except BadInput as exc:
-        field = _blame(fields)
+        field = "topic" if isinstance(exc, ReservedTopic) else _blame(fields)
         reason = exc.message
         raise InvalidField(names.get(field, field), reason) from None
 

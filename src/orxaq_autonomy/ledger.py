@@ -5,7 +5,13 @@
 
 `bucket` is `(seq - 1) // 1000`, six digits (`000000` holds seq 1-1000), so no folder grows
 past 1,000 files and an import lists only the buckets at or after what it already has.
-Files directly in `outbox/<node_id>/` or in other subfolders are read too.
+Event files directly in `outbox/<node_id>/` are read too.
+
+Everything here arrived through git and may be hostile. Names are checked before anything
+is opened (`<node_id>.json`, `evt_<64 hex>.json` or the orxaq-ops `evt_<20 hex>.json`,
+six-digit buckets, valid UTF-8); files are read only through `fsutil.read_regular` (no
+symlink followed, regular files of bounded size); folders are checked with lstat, never
+followed. Anything odd is reported as a Problem, named printably, and skipped.
 
 This module knows files, not git: `sync.py` moves the folder between nodes.
 Costs grow with new events only: export resumes from a byte offset in the log; import
@@ -15,8 +21,11 @@ nothing for a node that has nothing new.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,17 +33,36 @@ from typing import Any
 
 import orjson
 
-from .envelope import EVENT_ID_RE, Envelope, check_envelope
+from .config import load_config
+from .envelope import EVENT_ID_RE, NODE_ID_RE, Envelope, check_envelope
 from .errors import BadInput, OperationFailed
-from .fsutil import FileLock, atomic_write_json, dump_json_pretty, read_json
+from .fsutil import (
+    FileLock,
+    UnsafeFile,
+    atomic_write_bytes,
+    atomic_write_json,
+    dump_json_pretty,
+    file_kind,
+    fsync_dir,
+    plain_folder,
+    printable,
+    read_json,
+    read_regular,
+    utf8_name,
+)
 from .mesh import Mesh
-from .node import update_manifest
+from .node import list_manifests, load_manifest, manifest_node, own_manifest, update_manifest
 from .paths import Layout
 from .trust import Keyring
 
 BUCKET_SIZE = 1000
-BUCKET_RE = re.compile(r"\d{6}")
+BUCKET_RE = re.compile(r"[0-9]{6}")
+# this format's event ids, and orxaq-ops ones (reported by the envelope check, not by name)
+EVENT_FILE_RE = re.compile(r"evt_(?:[0-9a-f]{64}|[0-9a-f]{20})\.json")
 MAX_FILE_BYTES = 4 * 1024 * 1024
+FSYNC_BATCH = 256  # files written before their fsyncs: the disk takes them together
+FSYNC_THREADS = 16
+NOT_UTF8 = "has a name that is not valid UTF-8"
 # An imported clock this high would leave the importing node no clock for its own events.
 CLOCK_CEILING = 2**63 - 1 - 2**32  # pretty-printed; the envelope itself is checked at 1 MiB
 Progress = Callable[[int], None]
@@ -61,6 +89,7 @@ class ExportReport:
     first_seq: int | None = None
     last_seq: int | None = None
     head: dict[str, Any] = field(default_factory=dict)
+    repaired: list[dict[str, str]] = field(default_factory=list)  # own manifest replaced
 
     def as_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -76,7 +105,20 @@ def export_events(
 
 def _export(mesh: Mesh, max_events: int | None, progress: Progress) -> ExportReport:
     layout = mesh.layout
-    head = mesh.manifests().get(mesh.node_id, {}).get("head", {})
+    report = ExportReport()
+    touched: set[str] = set()  # folders whose entries this export changed: fsynced
+    outbox = str(layout.outbox_dir(mesh.node_id))
+    with contextlib.suppress(FileNotFoundError):  # made with its first bucket
+        _own_folder(layout, ("outbox", mesh.node_id), touched, create=False)
+    manifest, problem = own_manifest(layout, mesh.node_id)  # never read through a symlink
+    if problem is not None and problem != "is missing":
+        report.repaired.append(
+            Problem(
+                layout.relative(layout.manifest_file(mesh.node_id)),
+                f"{problem}; replaced it with a fresh one from this node's own state",
+            ).as_dict()
+        )
+    head = manifest.get("head", {})
     own = mesh.log.node_heads().get(mesh.node_id, {"seq": 0})
     if head.get("seq", 0) > own["seq"]:
         raise OperationFailed(
@@ -91,33 +133,46 @@ def _export(mesh: Mesh, max_events: int | None, progress: Progress) -> ExportRep
         state = {"offset": 0, "seq": 0}
     end = mesh.log.committed().log_size
     mine = f'"node_id":"{mesh.node_id}"'.encode()
-    report = ExportReport()
     offset = state["offset"]
-    outbox = str(layout.outbox_dir(mesh.node_id))
-    made: set[str] = set()
+    made: set[str] = set()  # bucket folders checked (or made) this run
+    unsynced: list[int] = []  # written files, open until fsynced
     last: Envelope | None = None
-    for line_offset, line in mesh.log.iter_lines(state["offset"], end):
-        if max_events is not None and report.exported >= max_events:
-            break
-        offset = line_offset + len(line)
-        if mine not in line:  # cheap: most lines of a busy mesh are other nodes'
-            continue
-        env: Envelope = orjson.loads(line)
-        if env["node_id"] != mesh.node_id or env["seq"] <= state["seq"]:
-            continue
-        # plain os calls: pathlib cost more than the writing at thousands of files a second
-        folder = os.path.join(outbox, bucket_of(env["seq"]))
-        if folder not in made:
-            os.makedirs(folder, exist_ok=True)
-            made.add(folder)
-        _write_once(os.path.join(folder, env["event_id"] + ".json"), dump_json_pretty(env))
-        report.exported += 1
-        report.first_seq = report.first_seq or env["seq"]
-        report.last_seq = env["seq"]
-        last = env
-        progress(1)
+    try:
+        for line_offset, line in mesh.log.iter_lines(state["offset"], end):
+            if max_events is not None and report.exported >= max_events:
+                break
+            offset = line_offset + len(line)
+            if mine not in line:  # cheap: most lines of a busy mesh are other nodes'
+                continue
+            env: Envelope = orjson.loads(line)
+            if env["node_id"] != mesh.node_id or env["seq"] <= state["seq"]:
+                continue
+            # plain os calls: pathlib cost more than the writing at thousands of files a second
+            bucket = bucket_of(env["seq"])
+            folder = os.path.join(outbox, bucket)
+            if folder not in made:
+                _own_folder(layout, ("outbox", mesh.node_id, bucket), touched)
+                made.add(folder)
+            fd = _write_once(os.path.join(folder, env["event_id"] + ".json"), dump_json_pretty(env))
+            if fd is not None:
+                unsynced.append(fd)
+                touched.add(folder)
+                if len(unsynced) >= FSYNC_BATCH:
+                    _fsync_close(unsynced)
+            report.exported += 1
+            report.first_seq = report.first_seq or env["seq"]
+            report.last_seq = env["seq"]
+            last = env
+            progress(1)
+        # the files, then the folders that name them, are on disk before the head moves:
+        # exactly what this export wrote, not every dirty page of the machine (os.sync)
+        _fsync_close(unsynced)
+    finally:
+        for fd in unsynced:
+            os.close(fd)
+    for folder in sorted(touched, key=len, reverse=True):
+        fsync_dir(folder)
     if last is not None:
-        os.sync()  # the files are on disk before the head says they exist
         head = {"seq": last["seq"], "event_id": last["event_id"]}
         update_manifest(layout, mesh.node_id, head=head)
         state = {"offset": offset, "seq": last["seq"], "event_id": last["event_id"]}
@@ -130,24 +185,78 @@ def _export(mesh: Mesh, max_events: int | None, progress: Progress) -> ExportRep
             update_manifest(
                 layout, mesh.node_id, head={"seq": state["seq"], "event_id": state["event_id"]}
             )
-    report.head = mesh.manifests().get(mesh.node_id, {}).get("head", {})
+    try:
+        report.head = load_manifest(layout.manifest_file(mesh.node_id)).get("head", {})
+    except (BadInput, OSError):
+        report.head = head
     return report
 
 
-def _write_once(path: str, data: bytes) -> None:
-    """Create `path` with `data`; an existing file is rewritten only if it differs (an
-    export interrupted before it saved its state runs again over the same events)."""
+def _own_folder(
+    layout: Layout, parts: tuple[str, ...], touched: set[str], create: bool = True
+) -> str:
+    """A folder of this node's outbox, made if missing (with `create`; else
+    FileNotFoundError). Each component from the ledger folder down must be a real folder:
+    a symlink that git brought (to anywhere) or a file there stops the export before it
+    writes anything through it."""
+    created: list[Path] = []
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        folder = plain_folder(layout.ledger_dir, parts, create=create, created=created)
+    except UnsafeFile as exc:
+        raise OperationFailed(
+            f"refusing to export: {layout.relative(exc.path)} {exc.message}; it came "
+            "through git and this node writes only into real folders (remove it, then "
+            "export again); nothing was written through it"
+        ) from None
+    touched.update(str(path.parent) for path in created)
+    return str(folder)
+
+
+def _fsync_close(fds: list[int]) -> None:
+    """fsync and close every descriptor in `fds` (emptied as they are closed). A batch is
+    fsynced from a few threads at once: the file system commits their journal entries
+    together, which is 3x faster than one fsync after another for a big export."""
+    if len(fds) > 8:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(FSYNC_THREADS) as pool:
+            list(pool.map(os.fsync, fds))
+    else:
+        for fd in fds:
+            os.fsync(fd)
+    while fds:
+        os.close(fds.pop())
+
+
+def _write_once(path: str, data: bytes) -> int | None:
+    """Create `path` with `data` and return its open descriptor (the caller fsyncs and
+    closes it), or None when an identical file is already there. Anything else at that
+    name (an export interrupted before it saved its state runs again over the same
+    events; or a symlink, folder or FIFO someone pushed into our outbox) is replaced
+    atomically and durably, never written through."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     except FileExistsError:
-        with open(path, "rb") as fh:
-            if fh.read() == data:
-                return
-        fd = os.open(path, os.O_WRONLY | os.O_TRUNC)
+        try:
+            if read_regular(path, len(data)) == data:
+                return None
+        except UnsafeFile:
+            pass
+        try:
+            if stat.S_ISDIR(os.lstat(path).st_mode):
+                shutil.rmtree(path)  # a real folder at our own file's name
+        except FileNotFoundError:
+            pass
+        atomic_write_bytes(Path(path), data)
+        return None
     try:
-        os.write(fd, data)
-    finally:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    except BaseException:
         os.close(fd)
+        raise
+    return fd
 
 
 # --- reading and checking ledger files -------------------------------------------------
@@ -158,23 +267,48 @@ class Problem:
     path: str
     reason: str
 
+    def __post_init__(self) -> None:
+        # one printable line each, whatever bytes a hostile name or message carried
+        self.path = printable(self.path)
+        self.reason = printable(self.reason)
+
     def as_dict(self) -> dict[str, str]:
         return {"path": self.path, "reason": self.reason}
 
 
 def _reason(exc: Exception) -> str:
-    return exc.message if isinstance(exc, BadInput) else str(exc)
+    if isinstance(exc, BadInput):
+        return exc.message
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror  # str(exc) repeats the path, which the Problem names already
+    return str(exc)
+
+
+def _event_file_place(parts: tuple[str, ...]) -> bool:
+    """Whether `parts` (below outbox/<node>/) is `<event file>` or `<bucket>/<event file>`."""
+    if len(parts) == 2 and BUCKET_RE.fullmatch(parts[0]):
+        parts = parts[1:]
+    return len(parts) == 1 and event_name_problem(parts[0]) is None
+
+
+def event_name_problem(name: str) -> str | None:
+    """Why `name` cannot be an event file's name, or None."""
+    if not utf8_name(name):
+        return NOT_UTF8
+    if not EVENT_FILE_RE.fullmatch(name):
+        return "is not named evt_<64 hex digits>.json (nor an orxaq-ops event id)"
+    return None
 
 
 def read_event_file(path: Path, folder_node: str) -> Envelope:
-    """Parse and check one ledger file; BadInput names what is wrong with it."""
-    if path.is_symlink():
-        raise BadInput("is a symlink; ledger files must be regular files")
-    size = path.stat().st_size
-    if size > MAX_FILE_BYTES:
-        raise BadInput(f"is {size} bytes; the limit is {MAX_FILE_BYTES}")
+    """Parse and check one ledger file; BadInput names what is wrong with it (UnsafeFile
+    when it is not a regular file of at most MAX_FILE_BYTES: nothing is followed)."""
+    odd = event_name_problem(path.name)
+    if odd is not None:
+        raise BadInput(odd)
+    raw = read_regular(path, MAX_FILE_BYTES)
     try:
-        env = orjson.loads(path.read_bytes())
+        env = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise BadInput(f"is not valid JSON (truncated?): {exc}") from None
     check_envelope(env)
@@ -189,34 +323,44 @@ def read_event_file(path: Path, folder_node: str) -> Envelope:
     return env  # type: ignore[no-any-return]
 
 
-def event_files(node_dir: Path, from_bucket: str | None = None) -> Iterator[Path]:
-    """Event files of one node's outbox; with `from_bucket`, skip our earlier buckets.
-    Names are sorted as strings: a big outbox has hundreds of buckets."""
-    if not node_dir.is_dir():
+def event_files(
+    node_dir: Path, from_bucket: str | None = None
+) -> Iterator[tuple[Path, str | None]]:
+    """What one node's outbox holds: (path, None) for each well-named event file (loose or
+    in a six-digit bucket), (path, why) for anything else. With `from_bucket`, our earlier
+    buckets are skipped by name, without a stat. Names are sorted as strings: a big
+    outbox has hundreds of buckets. Nothing is opened; a bucket is listed only when lstat
+    says it is a real folder. The caller has checked `node_dir` (see `plain_folder`)."""
+    try:
+        names = sorted(os.listdir(node_dir))
+    except (FileNotFoundError, NotADirectoryError):
         return
-    for name in sorted(os.listdir(node_dir)):
-        if from_bucket and BUCKET_RE.fullmatch(name) and name < from_bucket:
-            continue  # decided by name: no stat for the buckets already imported
+    for name in names:
         entry = node_dir / name
-        if entry.is_dir() and not entry.is_symlink():
-            yield from (entry / f for f in sorted(os.listdir(entry)) if f.endswith(".json"))
-        elif name.endswith(".json"):
-            yield entry
+        if not utf8_name(name) or not BUCKET_RE.fullmatch(name):
+            yield entry, event_name_problem(name)
+            continue
+        if from_bucket and name < from_bucket:
+            continue
+        try:
+            mode = os.lstat(entry).st_mode
+            if not stat.S_ISDIR(mode):
+                yield entry, f"is {file_kind(mode)}, not a plain folder"
+                continue
+            inner = sorted(os.listdir(entry))
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            yield entry, f"is unreadable ({exc.strerror or exc})"
+            continue
+        for sub in inner:
+            yield entry / sub, event_name_problem(sub)
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
-    if path.is_symlink():
-        raise BadInput("is a symlink; ledger files must be regular files")
-    try:
-        data = read_json(path)
-    except ValueError as exc:
-        raise BadInput(f"is not valid JSON: {exc}") from None
-    if not isinstance(data, dict) or data.get("node_id") != path.stem:
-        raise BadInput(f"must be a JSON object whose node_id is {path.stem!r}")
-    head = data.get("head", {})
-    if not isinstance(head, dict) or not isinstance(head.get("seq", 0), int):
-        raise BadInput("head must be an object with an integer seq")
-    return data
+    """A manifest from the ledger (see node.load_manifest: named `<node_id>.json`, a
+    regular file of at most 1 MiB, never followed through a symlink)."""
+    return load_manifest(path)
 
 
 # --- import ----------------------------------------------------------------------------
@@ -249,17 +393,26 @@ def import_events(
     heads = mesh.log.node_heads()
     rel = layout.relative
     budget = max_events if max_events is not None else -1
-    manifests = sorted(layout.nodes_dir.glob("*.json")) if layout.nodes_dir.is_dir() else []
-    keyring = Keyring(layout.ledger_dir, layout.state_dir / "trust_pins.json")
+    manifests, odd = list_manifests(layout)
+    report.rejected.extend(Problem(rel(path), why) for path, why in odd)
+    keyring = Keyring(
+        layout.ledger_dir,
+        layout.state_dir / "trust_pins.json",
+        load_config(layout.state_dir / "config.toml").trust.policy_keys,
+        history=lambda node: (e for e in mesh.log.iter_events() if e["node_id"] == node),
+    )
+    if keyring.policy_problem:
+        report.rejected.append(
+            Problem(rel(layout.ledger_dir / "trust.json"), keyring.policy_problem)
+        )
     forks: list[tuple[str, Envelope, Path]] = []
-    for manifest_path in manifests:
-        node = manifest_path.stem
+    for node, manifest_path in manifests:
         if node == mesh.node_id or budget == 0:
             continue
         try:
             manifest = read_manifest(manifest_path)
-        except BadInput as exc:
-            report.rejected.append(Problem(rel(manifest_path), exc.message))
+        except (BadInput, OSError) as exc:
+            report.rejected.append(Problem(rel(manifest_path), _reason(exc)))
             continue
         have = heads.get(node, {"seq": 0, "event_id": None})
         if manifest.get("head", {}).get("seq", 0) <= have["seq"]:
@@ -269,14 +422,21 @@ def import_events(
         except BadInput as exc:
             report.rejected.append(Problem(rel(manifest_path), exc.message))
             continue
-        node_dir = layout.outbox_dir(node)
-        if node_dir.is_symlink() or not node_dir.resolve().is_relative_to(
-            layout.outbox_root.resolve()
-        ):
-            report.rejected.append(Problem(rel(node_dir), "is a symlink or leaves the outbox"))
+        try:
+            node_dir = plain_folder(layout.ledger_dir, ("outbox", node))
+        except FileNotFoundError:
+            continue  # its files have not arrived yet
+        except UnsafeFile as exc:
+            report.rejected.append(Problem(rel(exc.path), exc.message))
+            continue
+        except OSError as exc:
+            report.rejected.append(Problem(rel(layout.outbox_dir(node)), _reason(exc)))
             continue
         candidates: dict[int, list[Envelope]] = {}
-        for path in event_files(layout.outbox_dir(node), bucket_of(have["seq"] + 1)):
+        for path, odd_name in event_files(node_dir, bucket_of(have["seq"] + 1)):
+            if odd_name is not None:
+                report.rejected.append(Problem(rel(path), odd_name))
+                continue
             if EVENT_ID_RE.fullmatch(path.stem) and mesh.log.contains(path.stem):
                 continue
             try:
@@ -348,19 +508,22 @@ def import_events(
 def _record_forks(mesh: Mesh, forks: list[tuple[str, Envelope, Path]]) -> None:
     """One `mesh.trust.fork_detected` event per refused fork (deduplicated by its id)."""
     mesh.publish_many(
-        {
-            "topic": "mesh",
-            "event_type": "trust.fork_detected",
-            "source": "import",
-            "payload": {
-                "node_id": node,
-                "seq": env["seq"],
-                "refused": env["event_id"],
-                "path": mesh.layout.relative(path),
-            },
-            "idempotency_key": f"fork:{node}:{env['seq']}:{env['event_id']}",
-        }
-        for node, env, path in forks
+        (
+            {
+                "topic": "mesh",
+                "event_type": "trust.fork_detected",
+                "source": "import",
+                "payload": {
+                    "node_id": node,
+                    "seq": env["seq"],
+                    "refused": env["event_id"],
+                    "path": mesh.layout.relative(path),
+                },
+                "idempotency_key": f"fork:{node}:{env['seq']}:{env['event_id']}",
+            }
+            for node, env, path in forks
+        ),
+        system=True,
     )
 
 
@@ -390,6 +553,7 @@ def verify_ledger(
     layout: Layout,
     changed: dict[str, str] | None = None,
     base_manifest: Callable[[str], dict[str, Any] | None] | None = None,
+    policy_keys: Iterable[str] = (),
 ) -> VerifyReport:
     """Check every file of the ledger: it parses, its id matches its content, it is in its
     node's folder, holds no secret, and each node's chain is whole (seq 1..N, prev links)
@@ -405,35 +569,73 @@ def verify_ledger(
     outbox = layout.outbox_root
     nodes: set[str] = set()
     if changed is None:
-        if outbox.is_dir():
-            nodes.update(p.name for p in outbox.iterdir())
-        if layout.nodes_dir.is_dir():
-            nodes.update(p.stem for p in layout.nodes_dir.glob("*.json"))
+        try:
+            names = sorted(os.listdir(plain_folder(layout.ledger_dir, ("outbox",))))
+        except FileNotFoundError:
+            names = []
+        except UnsafeFile as exc:
+            names = []
+            report.problems.append(Problem(rel(exc.path), exc.message))
+        for name in names:
+            if utf8_name(name) and NODE_ID_RE.fullmatch(name):
+                nodes.add(name)
+            else:
+                report.problems.append(
+                    Problem(
+                        rel(outbox / name),
+                        NOT_UTF8 if not utf8_name(name) else "is not named like a node id",
+                    )
+                )
+        manifests, odd = list_manifests(layout)
+        nodes.update(node for node, _ in manifests)
+        report.problems.extend(Problem(rel(path), why) for path, why in odd)
     else:
         outbox_parts = Path(rel(outbox)).parts
-        nodes_dir = Path(rel(layout.nodes_dir))
+        nodes_parts = Path(rel(layout.nodes_dir)).parts
         for path, status in sorted(changed.items()):
+            if path.startswith('"'):  # git quotes names that are not plain ASCII
+                if status[0] != "D":
+                    report.problems.append(
+                        Problem(path, "has a name that is not plain ASCII; no ledger name is")
+                    )
+                continue
             parts = Path(path).parts
             if parts[: len(outbox_parts)] == outbox_parts and len(parts) > len(outbox_parts):
-                nodes.add(parts[len(outbox_parts)])
-                if status[0] in "MDR" and path.endswith(".json"):
-                    verb = {"M": "modified", "D": "deleted", "R": "renamed"}[status[0]]
+                node, inside = parts[len(outbox_parts)], parts[len(outbox_parts) + 1 :]
+                if not NODE_ID_RE.fullmatch(node):
+                    if status[0] != "D":
+                        report.problems.append(Problem(path, "is not under a node id folder"))
+                    continue
+                nodes.add(node)
+                if status[0] in "MDRT" and path.endswith(".json"):
+                    verb = {"M": "modified", "D": "deleted", "R": "renamed", "T": "retyped"}
                     report.problems.append(
-                        Problem(path, f"was {verb}: published events are immutable")
+                        Problem(path, f"was {verb[status[0]]}: published events are immutable")
                     )
-            elif Path(path).parent == nodes_dir and path.endswith(".json"):
-                nodes.add(Path(path).stem)
-    policy_error = None
-    try:
-        keyring = Keyring(layout.ledger_dir, None)
-    except BadInput as exc:
-        policy_error = exc.message
-        report.problems.append(Problem(rel(layout.ledger_dir / "trust.json"), exc.message))
+                elif status[0] != "D" and not _event_file_place(inside):
+                    report.problems.append(
+                        Problem(path, "is not <node>/[<six-digit bucket>/]<event id>.json")
+                    )
+            elif parts[: len(nodes_parts)] == nodes_parts and len(parts) > len(nodes_parts):
+                node_name = manifest_node(parts[-1]) if len(parts) == len(nodes_parts) + 1 else None
+                if node_name is not None:
+                    nodes.add(node_name)
+                elif status[0] != "D":
+                    report.problems.append(Problem(path, "is not named <node_id>.json"))
+    keyring = Keyring(layout.ledger_dir, None, policy_keys)
+    if keyring.policy_problem:
+        report.problems.append(
+            Problem(rel(layout.ledger_dir / "trust.json"), keyring.policy_problem)
+        )
     for node in sorted(nodes):
         report.nodes += 1
         node_dir = outbox / node
-        if node_dir.is_symlink() or (node_dir.exists() and not node_dir.is_dir()):
-            report.problems.append(Problem(rel(node_dir), "is not a plain folder"))
+        try:
+            plain_folder(layout.ledger_dir, ("outbox", node))
+        except FileNotFoundError:
+            pass
+        except UnsafeFile as exc:
+            report.problems.append(Problem(rel(exc.path), exc.message))
             continue
         manifest_path = layout.manifest_file(node)
         manifest: dict[str, Any] | None = None
@@ -447,17 +649,20 @@ def verify_ledger(
         start_seq = int(base.get("head", {}).get("seq", 0)) if base else 0
         start_id = base.get("head", {}).get("event_id") if base else None
         if changed is None:
-            files: Iterable[Path] = event_files(node_dir)
+            files: Iterable[tuple[Path, str | None]] = event_files(node_dir)
         else:
             mine = rel(node_dir) + "/"
             files = [
-                layout.root / path
+                (layout.root / path, None)
                 for path, status in sorted(changed.items())
                 if path.startswith(mine) and path.endswith(".json") and status[0] in "AM"
             ]
         by_seq: dict[int, Envelope] = {}
-        for file in files:
+        for file, odd_name in files:
             report.checked += 1
+            if odd_name is not None:
+                report.problems.append(Problem(rel(file), odd_name))
+                continue
             try:
                 env = read_event_file(file, node)
             except (BadInput, OSError) as exc:
@@ -476,7 +681,7 @@ def verify_ledger(
             by_seq[env["seq"]] = env
         key: str | None = None
         trusted = base or manifest
-        if trusted is not None and policy_error is None:
+        if trusted is not None:
             try:
                 key = keyring.start(node, trusted, start_seq)
             except BadInput as exc:

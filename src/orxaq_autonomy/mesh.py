@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterable, Iterator, Mapping
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -22,8 +21,11 @@ from .envelope import (
     Draft,
     Envelope,
     check_node_id,
+    check_not_reserved,
     normalise_timestamp,
+    refuse_credential,
     routing_key,
+    unreserved,
 )
 from .errors import BadInput, UnknownEvent
 from .fsutil import read_json
@@ -86,21 +88,30 @@ class Mesh:
         topic: str,
         event_type: str,
         payload: Any = None,
+        *,
+        system: bool = False,
         **fields: Any,
     ) -> Appended:
         """Append one event, durably. Optional fields: source, causation_id, correlation_id,
-        target, partition_key, tenant, idempotency_key, timestamp."""
+        target, partition_key, tenant, idempotency_key, timestamp. The topic `mesh` is the
+        mesh's own: only its emitters (key rotation, fork records) pass `system=True`."""
         fields.setdefault("source", "api")
         if "causation_id" in fields and fields["causation_id"] is not None:
             fields["causation_id"] = self._causation(fields["causation_id"])
         draft = Draft.create(topic, event_type, payload, **fields)
-        return self.publish_drafts([draft])[0]
+        check_not_reserved(draft.topic, system)
+        return self._append([draft], keep_envelopes=True)[0]
 
     def publish_many(
-        self, items: Iterable[Mapping[str, Any]], default_source: str = "api"
+        self,
+        items: Iterable[Mapping[str, Any]],
+        default_source: str = "api",
+        *,
+        system: bool = False,
     ) -> list[Appended]:
         """Validate every item, then append all of them or none. `items` may be lazy (it is
-        consumed under the log lock). Results carry ids and seqs, not envelopes."""
+        consumed under the log lock). Results carry ids and seqs, not envelopes. An item on
+        the topic `mesh` is refused unless `system=True` (the mesh's own emitters)."""
 
         def drafts() -> Iterator[Draft]:
             for number, item in enumerate(items, 1):
@@ -108,15 +119,22 @@ class Mesh:
                     fields = dict(item)
                     if fields.get("causation_id") is not None:
                         fields["causation_id"] = self._causation(fields["causation_id"])
-                    yield Draft.from_mapping(fields, default_source)
+                    draft = Draft.from_mapping(fields, default_source)
+                    check_not_reserved(draft.topic, system)
+                    yield draft
                 except BadInput as exc:
                     raise BadInput(f"item {number}: {exc.message}") from None
 
-        return self.publish_drafts(drafts(), keep_envelopes=False)
+        return self._append(drafts(), keep_envelopes=False)
 
     def publish_drafts(
-        self, drafts: Iterable[Draft], keep_envelopes: bool = True
+        self, drafts: Iterable[Draft], keep_envelopes: bool = True, *, system: bool = False
     ) -> list[Appended]:
+        """Append drafts built elsewhere (the gateway's writer, the dispatcher), all or none.
+        A draft on the topic `mesh` is refused unless `system=True`."""
+        return self._append(drafts if system else unreserved(drafts), keep_envelopes)
+
+    def _append(self, drafts: Iterable[Draft], keep_envelopes: bool) -> list[Appended]:
         return self.log.append(drafts, self.node_id, keep_envelopes, self.current_signer)
 
     def current_signer(self) -> Signer:
@@ -139,10 +157,17 @@ class Mesh:
 
         return rotate_key(self)
 
+    def sign_policy(self, policy: Any) -> dict[str, Any]:
+        """Sign a trust policy with this node's key and write it as the ledger's trust.json."""
+        from .trust import sign_policy
+
+        return sign_policy(self, policy)
+
     def _causation(self, ref: Any) -> Any:
         """A full id is taken as given (its event may not be imported yet); a prefix must
         name exactly one event in the local log."""
         if isinstance(ref, str) and not EVENT_ID_RE.fullmatch(ref):
+            refuse_credential(ref, "causation id")  # before any message could repeat it
             return self.resolve_event_id(ref)
         return ref
 
@@ -332,15 +357,18 @@ class Mesh:
         }
 
     def manifests(self) -> dict[str, dict[str, Any]]:
-        """The node manifests in the ledger (`nodes/<node_id>.json`), by node id."""
+        """The node manifests in the ledger (`nodes/<node_id>.json`), by node id. They
+        arrive through git: a name that is not `<node_id>.json`, a symlink, a folder, a
+        special file, a file over 1 MiB or one that does not parse is skipped (import and
+        mesh-verify report them)."""
+        from .node import list_manifests, load_manifest
+
         found: dict[str, dict[str, Any]] = {}
-        for path in sorted(Path(self.layout.nodes_dir).glob("*.json")):
+        for node, path in list_manifests(self.layout)[0]:
             try:
-                data = read_json(path)
-            except (OSError, ValueError):
+                found[node] = load_manifest(path)
+            except (BadInput, OSError):
                 continue
-            if isinstance(data, dict) and data.get("node_id") == path.stem:
-                found[path.stem] = data
         return found
 
 

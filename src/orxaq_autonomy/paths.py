@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BadInput
+from .fsutil import printable
 
 ENV_ROOT = "ORXAQ_AUTONOMY_ROOT"
 ENV_NODE_ID = "ORXAQ_AUTONOMY_NODE_ID"
@@ -72,7 +73,9 @@ class Layout:
         return self.nodes_dir / f"{node_id}.json"
 
     def relative(self, path: Path) -> str:
-        return path.relative_to(self.root).as_posix()
+        """`path` relative to the root, as one printable line: a name that arrived through
+        git may hold bytes that are not UTF-8 (shown as \\xNN) or control characters."""
+        return printable(path.relative_to(self.root).as_posix())
 
 
 def resolve_root(root: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Path:

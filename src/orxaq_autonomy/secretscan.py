@@ -1,8 +1,10 @@
 """What a secret looks like. The ledger is reviewed in pull requests, so none may enter it.
 
-Two checks, applied by the payload walker in `envelope.py`: a key that names a secret
-(`password`, `github_token`, `apiKey`, ...) holding a real string value, and a string
-shaped like a known credential wherever it appears.
+Two checks, applied by `envelope.py` to every event however it arrives (publish, HTTP,
+handler follow-ups, import, verify): a payload key that names a secret (`password`,
+`github_token`, `apiKey`, ...) holding a real value, and a string shaped like a known
+credential wherever it appears: a payload key or value at any depth, or any string field
+of the envelope (`source`, `subject`, `partition_key`, `topic`, ...).
 """
 
 from __future__ import annotations
@@ -63,6 +65,7 @@ _SHAPES: tuple[tuple[tuple[str, ...], int, str], ...] = (
     (("pypi-AgE",), 0, r"pypi-AgE[A-Za-z0-9_-]{50,}"),
     (("SG.",), 0, r"SG\.[A-Za-z0-9_-]{16,32}\.[A-Za-z0-9_-]{32,64}"),
     (("-----BEGIN ",), 0, r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY"),
+    (("PuTTY-User-Key-File-",), 0, r"PuTTY-User-Key-File-\d+: *[a-z0-9-]+"),
     (("eyJ",), 0, r"eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}"),
     (("://",), 0, r"://[^/\s:@]*:[^/\s@]{3,}@"),  # a URL with a password
     (("Bearer ", "Basic "), 0, r"(?:Bearer|Basic) +[A-Za-z0-9._~+/=-]{20,}"),

@@ -324,7 +324,8 @@ class Syncer:
         from git import GitCommandError
 
         paths = self._ledger_paths(repo)
-        existing = [p for p in paths if (Path(str(repo.working_tree_dir)) / p).exists()]
+        top = Path(str(repo.working_tree_dir))
+        existing = [p for p in paths if _holds_a_file(top / p)]
         if not existing:
             return
         repo.git.add("-A", "--", *existing)
@@ -434,6 +435,13 @@ def changed_since(
         return data if isinstance(data, dict) else None
 
     return changed, base_manifest
+
+
+def _holds_a_file(path: Path) -> bool:
+    """A file, or a folder with a file somewhere in it (git knows no empty folders)."""
+    if path.is_file():
+        return True
+    return any(files for _, _, files in os.walk(path))
 
 
 def _one_line(exc: Exception) -> str:
