@@ -431,3 +431,18 @@ def test_a_pushed_trust_policy_counts_only_when_signed_by_a_pinned_key(
     assert sync(a)[0] == 3  # node-a pins no policy key: it reports the policy and ignores it
     code, report, _ = sync(b)
     assert code == 3 and any("not in trust.json" in i["reason"] for i in report["rejected"])
+
+
+def test_a_new_node_never_adopts_private_files_from_a_poisoned_clone(
+    tmp_path: Path, fleet: tuple[Path, Path, Path]
+) -> None:
+    remote, _, _ = fleet
+    evil = attacker_clone(tmp_path, remote)
+    push_raw(evil, [(b"state/event_mesh/config.toml", "100644", b'handlers = ["pwn.py"]\n')], "x")
+    joiner = tmp_path / "node-c"
+    git(tmp_path, "clone", "-q", "-b", "main", str(remote), str(joiner))
+    result = run_process("--root", str(joiner), "mesh-init", "--node-id", "node-c")
+    assert result.code == 2
+    assert "state/event_mesh/config.toml" in result.err and "git rm" in result.err
+    assert not (joiner / "state/event_mesh/node.json").exists()
+    assert not (joiner / "state/event_mesh/keys").exists()

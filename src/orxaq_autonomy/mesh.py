@@ -65,8 +65,20 @@ class Mesh:
         capabilities: Iterable[str] = (),
         env: Mapping[str, str] | None = None,
     ) -> InitResult:
-        """Create the layout, identity, keys, manifest and .gitignore (idempotent)."""
-        return init_node(resolve_layout(root, env), node_id, capabilities, env)
+        """Create the layout, identity, keys, manifest and .gitignore (idempotent). Refuses a
+        clone whose branch tracks node-private files: they came from the remote."""
+        from .sync import tracked_private_files
+
+        layout = resolve_layout(root, env)
+        tracked = tracked_private_files(layout)
+        if tracked:
+            raise BadInput(
+                f"the git repository tracks node-private files ({', '.join(tracked[:3])}"
+                f"{', ...' if len(tracked) > 3 else ''}): they came from the remote and "
+                "would be this node's config, keys or log; remove them from the branch "
+                "(git rm -r --cached) and clone again"
+            )
+        return init_node(layout, node_id, capabilities, env)
 
     @property
     def node_id(self) -> str:

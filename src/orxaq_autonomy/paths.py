@@ -72,6 +72,13 @@ class Layout:
     def manifest_file(self, node_id: str) -> Path:
         return self.nodes_dir / f"{node_id}.json"
 
+    @property
+    def private_paths(self) -> tuple[Path, ...]:
+        """What belongs to this node alone and never comes from git: its state folder and
+        its log (the log's folder, as mesh-init's .gitignore has it)."""
+        log = self.log_file
+        return (self.state_dir, log if log.parent == self.root else log.parent)
+
     def relative(self, path: Path) -> str:
         """`path` relative to the root, as one printable line: a name that arrived through
         git may hold bytes that are not UTF-8 (shown as \\xNN) or control characters."""

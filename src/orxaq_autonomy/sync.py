@@ -30,6 +30,7 @@ from .fsutil import FileLock, atomic_write_json, read_json
 from .gitwork import Git
 from .ledger import Progress, export_events, import_events, no_progress
 from .mesh import Mesh
+from .paths import Layout
 
 if TYPE_CHECKING:
     from git import Repo
@@ -276,7 +277,7 @@ class Syncer:
         git = self._git(repo)
         private = [
             os.fsencode(p.resolve().relative_to(git.top).as_posix())
-            for p in self._private_paths()
+            for p in self.layout.private_paths
             if p.resolve().is_relative_to(git.top)
         ]
         refused: dict[bytes, str] = {}
@@ -299,10 +300,6 @@ class Syncer:
                 if path:
                     refused[path] = "is ignored here (.gitignore); a pull never writes it"
         return refused
-
-    def _private_paths(self) -> list[Path]:
-        log = self.layout.log_file
-        return [self.layout.state_dir, log if log.parent == self.layout.root else log.parent]
 
     def _handler_files(self, top: Path) -> set[bytes]:
         """Configured handler modules given as files, relative to the work tree."""
@@ -435,6 +432,25 @@ def changed_since(
         return data if isinstance(data, dict) else None
 
     return changed, base_manifest
+
+
+def tracked_private_files(layout: Layout) -> list[str]:
+    """Node-private files that the git repository around the root tracks: on a fresh
+    clone, they came from the remote (a config naming a handler, a key, pins)."""
+    repo = _open_repo(layout.root)
+    if repo is None or not repo.head.is_valid():
+        return []
+    top = Path(str(repo.working_tree_dir)).resolve()
+    specs = [
+        ":(literal)" + p.resolve().relative_to(top).as_posix()
+        for p in layout.private_paths
+        if p.resolve().is_relative_to(top)
+    ]
+    if not specs:
+        return []
+    out = Git(top, Path(str(repo.git_dir))).run("ls-files", "-z", "-t", "--", *specs)
+    # -t tags skip-worktree entries with S: those a sync already refused to write
+    return [gitwork.printable(entry[2:]) for entry in out.split(b"\0") if entry[:2] == b"H "]
 
 
 def _holds_a_file(path: Path) -> bool:
