@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from orxaq_autonomy import Mesh
-from orxaq_autonomy.dispatch import Dispatcher
+from orxaq_autonomy.dispatch.dispatcher import Dispatcher
 
 
 def workload(n: int) -> list[dict[str, Any]]:

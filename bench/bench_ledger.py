@@ -27,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from gitfleet import add_node, git, make_remote
 from orxaq_autonomy import Mesh
-from orxaq_autonomy.ledger import bucket_of, export_events, import_events
+from orxaq_autonomy.ledger.export import export_events
+from orxaq_autonomy.ledger.files import bucket_of
+from orxaq_autonomy.ledger.importer import import_events
 
 LEDGER = "state/github_coordination/event_mesh"
 

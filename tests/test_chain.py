@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from orxaq_autonomy import Mesh
-from orxaq_autonomy.builtin import select_route
-from orxaq_autonomy.dispatch import Dispatcher
+from orxaq_autonomy.dispatch.builtin import select_route
+from orxaq_autonomy.dispatch.dispatcher import Dispatcher
 
 
 @pytest.fixture

@@ -17,9 +17,9 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, rule
 
 from gitfleet import add_node, git, make_remote
 from orxaq_autonomy import Mesh
-from orxaq_autonomy.dispatch import Dispatcher
+from orxaq_autonomy.dispatch.dispatcher import Dispatcher
 from orxaq_autonomy.envelope import parse_envelope
-from orxaq_autonomy.sync import Syncer
+from orxaq_autonomy.ledger.sync import Syncer
 
 KINDS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "heartbeat": ("monitoring", "heartbeat.changed", {}),

@@ -17,7 +17,7 @@ import pytest
 
 from conftest import Runner, run_process, snapshot
 from orxaq_autonomy import Mesh
-from orxaq_autonomy.dispatch import Dispatcher
+from orxaq_autonomy.dispatch.dispatcher import Dispatcher
 from orxaq_autonomy.envelope import Draft
 
 USER_HANDLERS = textwrap.dedent(

@@ -15,7 +15,7 @@ import pytest
 
 from conftest import ENV_VARS, Runner, run_process
 from orxaq_autonomy import Mesh
-from orxaq_autonomy.dispatch import Dispatcher
+from orxaq_autonomy.dispatch.dispatcher import Dispatcher
 from serving import Receiver, receiving, serving
 
 

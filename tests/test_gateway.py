@@ -425,7 +425,7 @@ def test_the_gateway_exits_1_when_its_writer_dies(root: Path) -> None:
     its supervisor to restart it."""
     with serving(root, "--dispatch-every", "0") as server, server.client() as http:
         http.post("/events", json=CI_EVENT).raise_for_status()
-        writers = child_pids(server.proc.pid, "orxaq_autonomy.writer")
+        writers = child_pids(server.proc.pid, "orxaq_autonomy.gateway.writer")
         assert len(writers) == 1
         os.kill(writers[0], signal.SIGKILL)
         assert server.proc.wait(30) == 1

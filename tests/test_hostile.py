@@ -20,8 +20,8 @@ from conftest import run_process
 from gitfleet import add_node, event_ids, git, make_remote
 from orxaq_autonomy import Mesh
 from orxaq_autonomy.envelope import compute_event_id
-from orxaq_autonomy.node import b64url
-from orxaq_autonomy.trust import Signer, policy_bytes
+from orxaq_autonomy.ledger.keyring import policy_bytes
+from orxaq_autonomy.store.keys import Signer, b64url
 
 LEDGER = "state/github_coordination/event_mesh"
 

@@ -21,8 +21,9 @@ import pytest
 from conftest import ENV_VARS, Result, Runner
 from gitfleet import add_node, event_ids, git, make_remote
 from orxaq_autonomy import Mesh
-from orxaq_autonomy.fsutil import UnsafeFile, read_regular
-from orxaq_autonomy.ledger import export_events, import_events
+from orxaq_autonomy.ledger.export import export_events
+from orxaq_autonomy.ledger.importer import import_events
+from orxaq_autonomy.store.fsutil import UnsafeFile, read_regular
 
 LEDGER = "state/github_coordination/event_mesh"
 SECRET = "s3cr3t-marker-do-not-leak"
@@ -171,9 +172,6 @@ def test_own_manifest_that_is_not_a_sound_file_is_replaced_by_export(
         assert len(repaired) == 1 and repaired[0]["path"] == f"{LEDGER}/nodes/node-a.json"
         assert "replaced" in result.err
     assert cli("--root", str(root), "mesh-verify").code == 0
-    from orxaq_autonomy import node, trust
-
-    assert node.ROTATION == trust.ROTATION  # the rebuild finds rotations by this name
 
 
 def test_rerunning_init_replaces_a_symlinked_manifest_without_touching_its_target(

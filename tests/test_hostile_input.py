@@ -18,17 +18,10 @@ from hypothesis import strategies as st
 from conftest import Runner, log_lines, run_process, snapshot
 from gitfleet import add_node, event_ids, git, make_remote
 from orxaq_autonomy import Mesh
-from orxaq_autonomy.dispatch import Dispatcher
-from orxaq_autonomy.envelope import (
-    Draft,
-    InvalidEnvelope,
-    check_envelope,
-    compute_event_id,
-    seal,
-)
+from orxaq_autonomy.dispatch.dispatcher import Dispatcher
+from orxaq_autonomy.envelope import Draft, InvalidEnvelope, check_envelope, compute_event_id, seal
 from orxaq_autonomy.errors import BadInput
-from orxaq_autonomy.node import b64url
-from orxaq_autonomy.trust import Signer, signature_ok
+from orxaq_autonomy.store.keys import Signer, b64url, signature_ok
 from serving import serving
 
 LEDGER = "state/github_coordination/event_mesh"

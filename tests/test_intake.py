@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 from orxaq_autonomy.envelope import Draft
 from orxaq_autonomy.errors import EventTooLarge
-from orxaq_autonomy.gateway import RateLimiter
-from orxaq_autonomy.intake import InvalidField, draft_from_request, drafts_from_batch
-from orxaq_autonomy.writer import frame, split_frames
+from orxaq_autonomy.gateway.app import RateLimiter
+from orxaq_autonomy.gateway.intake import InvalidField, draft_from_request, drafts_from_batch
+from orxaq_autonomy.gateway.writer import frame, split_frames
 from strategies import json_scalars, json_values
 
 SEGMENT = st.text(string.ascii_lowercase + string.digits + "_-", min_size=1, max_size=8)

@@ -117,7 +117,7 @@ def test_events_query_filters_and_limit_takes_the_newest(mesh: Mesh) -> None:
 )
 def test_reverse_reading_matches_forward_reading(mesh: Mesh, sizes: list[int]) -> None:
     """Backward reads cross 1 MiB chunk edges; shrink the chunk to exercise them."""
-    import orxaq_autonomy.log as logmod
+    import orxaq_autonomy.store.log as logmod
 
     mesh.publish_many([{"topic": "t", "event_type": "e", "payload": {"s": "x" * n}} for n in sizes])
     old = logmod._READ_CHUNK
@@ -190,7 +190,7 @@ def test_a_long_index_backlog_is_stored_in_chunks(
 ) -> None:
     """Lookups catch the id index up chunk by chunk (each chunk a transaction, so appends
     wait for one chunk, not the whole backlog); every chunk boundary must be exact."""
-    import orxaq_autonomy.log as log_module
+    import orxaq_autonomy.store.log as log_module
 
     monkeypatch.setattr(log_module, "_INDEX_CHUNK", 3)
     Mesh.init(tmp_path, node_id="node-a")

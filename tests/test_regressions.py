@@ -11,12 +11,12 @@ import pytest
 from conftest import Runner, run_process, snapshot
 from gitfleet import add_node, git, make_remote
 from orxaq_autonomy import BadInput, Mesh
-from orxaq_autonomy.dispatch import Dispatcher
+from orxaq_autonomy.dispatch.dispatcher import Dispatcher
 from orxaq_autonomy.envelope import Draft, normalise_timestamp, seal
 from orxaq_autonomy.errors import OperationFailed
-from orxaq_autonomy.ledger import export_events, import_events
-from orxaq_autonomy.node import b64url
-from orxaq_autonomy.trust import Signer
+from orxaq_autonomy.ledger.export import export_events
+from orxaq_autonomy.ledger.importer import import_events
+from orxaq_autonomy.store.keys import Signer, b64url
 
 HANDLERS = """
 from orxaq_autonomy.handlers import FollowUp, handler

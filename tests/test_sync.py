@@ -14,8 +14,8 @@ import pytest
 from conftest import Runner, run_process
 from gitfleet import add_node, event_ids, git, make_remote
 from orxaq_autonomy import Mesh
-from orxaq_autonomy.ledger import bucket_of
-from orxaq_autonomy.sync import Syncer
+from orxaq_autonomy.ledger.files import bucket_of
+from orxaq_autonomy.ledger.sync import Syncer
 
 LEDGER = "state/github_coordination/event_mesh"
 
@@ -300,7 +300,7 @@ def test_four_nodes_syncing_at_once_all_land(tmp_path: Path) -> None:
 def test_two_syncs_on_one_node_never_overlap(fleet: tuple[Path, Path, Path]) -> None:
     _, a, _ = fleet
     with Mesh.open(a) as mesh:
-        from orxaq_autonomy.fsutil import FileLock
+        from orxaq_autonomy.store.fsutil import FileLock
 
         with FileLock(mesh.layout.locks_dir / "sync.lock"):
             result = run_process("--root", str(a), "mesh-sync", "--json")

@@ -14,8 +14,7 @@ from conftest import Runner, run_process
 from gitfleet import add_node, event_ids, git, make_remote
 from orxaq_autonomy import Mesh
 from orxaq_autonomy.envelope import compute_event_id
-from orxaq_autonomy.node import b64url
-from orxaq_autonomy.trust import Signer, fingerprint, signature_ok
+from orxaq_autonomy.store.keys import Signer, b64url, fingerprint, signature_ok
 
 LEDGER = "state/github_coordination/event_mesh"
 
@@ -59,7 +58,7 @@ def stranger(tmp_path: Path) -> Signer:
 
 
 def test_every_event_is_signed_follow_ups_included(tmp_path: Path) -> None:
-    from orxaq_autonomy.dispatch import Dispatcher
+    from orxaq_autonomy.dispatch.dispatcher import Dispatcher
 
     Mesh.init(tmp_path, node_id="node-a")
     with Mesh.open(tmp_path) as mesh:

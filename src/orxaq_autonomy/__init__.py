@@ -23,7 +23,7 @@ _EXPORTS = {
     "MeshError": "errors",
     "BadInput": "errors",
     "OperationFailed": "errors",
-    "Appended": "log",
+    "Appended": "store.log",
 }
 
 __all__ = [
@@ -44,9 +44,9 @@ __all__ = [
 if TYPE_CHECKING:
     from .envelope import Draft, Envelope, canonical_bytes, compute_event_id, parse_envelope
     from .errors import BadInput, MeshError, OperationFailed
-    from .log import Appended
     from .mesh import Mesh
     from .patterns import Pattern, matches
+    from .store.log import Appended
 
 
 def __getattr__(name: str) -> Any:

@@ -120,7 +120,7 @@ def _read_payload(mesh: Mesh, payload_json: str | None, payload_file: str | None
     import orjson
 
     from .envelope import loads_json
-    from .paths import resolve_input_file
+    from .store.paths import resolve_input_file
 
     if payload_json is not None and payload_file is not None:
         _bad("give --payload-json or --payload-file, not both")
@@ -341,7 +341,7 @@ def mesh_status(as_json: JsonOpt = False) -> None:
 
 
 def _dispatcher() -> Any:
-    from .dispatch import Dispatcher
+    from .dispatch.dispatcher import Dispatcher
 
     return Dispatcher(_open())
 
@@ -509,7 +509,7 @@ def mesh_export(
     as_json: JsonOpt = False,
 ) -> None:
     """Write this node's new events to its outbox and update its manifest head."""
-    from .ledger import export_events
+    from .ledger.export import export_events
 
     _check_max(max_events, "--max-events")
     mesh = _open()
@@ -527,7 +527,7 @@ def mesh_import(
     as_json: JsonOpt = False,
 ) -> None:
     """Append new, verified events from the other nodes' outboxes (exit 3 if any rejected)."""
-    from .ledger import import_events
+    from .ledger.importer import import_events
 
     _check_max(max_events, "--max-events")
     mesh = _open()
@@ -555,7 +555,7 @@ def mesh_sync(
     as_json: JsonOpt = False,
 ) -> None:
     """Pull (rebase), import, dispatch, export, commit the ledger, push with retries."""
-    from .sync import Syncer
+    from .ledger.sync import Syncer
 
     mesh = _open()
     with _progress("syncing", as_json) as advance:
@@ -603,16 +603,16 @@ def mesh_verify(
 ) -> None:
     """Check the ledger as a PR check; works on any checkout (exit 3 on problems)."""
     from .config import load_config
-    from .ledger import verify_ledger
-    from .paths import resolve_layout
-    from .trust import public_key_bytes
+    from .ledger.verify import verify_ledger
+    from .store.keys import public_key_bytes
+    from .store.paths import resolve_layout
 
     layout = resolve_layout(_globals.root)
     if not layout.ledger_dir.is_dir():
         _bad(f"no ledger at {layout.ledger_dir}")
     changed, base = None, None
     if since is not None:
-        from .sync import changed_since
+        from .ledger.sync import changed_since
 
         changed, base = changed_since(layout.root, layout.ledger_dir, since)
     keys = [*load_config(layout.state_dir / "config.toml").trust.policy_keys, *(policy_key or [])]
@@ -717,7 +717,7 @@ def mesh_serve(
     as_json: JsonOpt = False,
 ) -> None:
     """Serve the HTTP API (POST /events, GET /events, /metrics, ...) until interrupted."""
-    from .gateway import TOKEN_ENV, Gateway, Settings, listen, load_token, serve
+    from .gateway.app import TOKEN_ENV, Gateway, Settings, listen, load_token, serve
 
     if not 0 <= port <= 65535:
         _bad(f"bad --port {port}: need 0-65535")

@@ -31,12 +31,12 @@ from typing import Any
 
 import orjson
 
-from .envelope import Draft
-from .errors import BadInput, EventTooLarge, UnknownEvent
-from .log import Appended
-from .mesh import Mesh
-from .node import Identity
-from .paths import Layout
+from ..envelope import Draft
+from ..errors import BadInput, EventTooLarge, UnknownEvent
+from ..mesh import Mesh
+from ..store.identity import Identity
+from ..store.log import Appended
+from ..store.paths import Layout
 
 HEADER = struct.Struct("!I")
 GROUP_LIMIT = 20_000  # events per group at most
@@ -173,7 +173,7 @@ class Writer:
 
 
 def main(argv: list[str]) -> None:
-    """`python -m orxaq_autonomy.writer FD SPEC`: serve the gateway on socket FD."""
+    """`python -m orxaq_autonomy.gateway.writer FD SPEC`: serve the gateway on socket FD."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     sock = socket.socket(fileno=int(argv[0]))

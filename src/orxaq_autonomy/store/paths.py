@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BadInput
+from ..errors import BadInput
 from .fsutil import printable
 
 ENV_ROOT = "ORXAQ_AUTONOMY_ROOT"

@@ -1,21 +1,8 @@
-"""Trust: Ed25519 signatures on every event, and whose keys to believe.
-
-- Every event a node authors carries `sig = "ed25519:" + base64url(signature over the
-  ASCII bytes of its event_id)`. libsodium (PyNaCl's bindings) signs and verifies.
-- A node's key is believed from the trust policy in the ledger (`trust.json`) when there
-  is one and it is signed by a key this node pins in its own config (`[trust]
-  policy_keys`); else on first use: the first key seen for a node is pinned in
-  `state/event_mesh/trust_pins.json`. A policy anyone could push counts for nothing.
-- Keys change only through the chain itself: a `mesh.trust.key_rotated` event, signed by
-  the current key, names the next one and carries a proof signed by it. A reader walks a
-  node's events in seq order and switches keys at that event, so a key in a manifest
-  alone can never take over a node; when a pin is lost or stale, the key is established
-  again from the node's events in the local log, never from its manifest.
-"""
+"""Whose keys to believe: the trust policy (`trust.json`, counted only when signed by a
+pinned key), trust on first use with pins, and each node's chain of keys."""
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,80 +10,20 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from .envelope import Envelope
-from .errors import BadInput
-from .fsutil import atomic_write_json, read_json
-from .node import b64url, b64url_decode
+from ..envelope import Envelope
+from ..errors import BadInput
+from ..store.fsutil import atomic_write_json, read_json
+from ..store.keys import (
+    fingerprint,
+    public_key_bytes,
+    rotation_statement,
+    rotation_target,
+    signature_ok,
+    signed_by,
+)
 
 if TYPE_CHECKING:
-    from .mesh import Mesh
-
-ROTATION = ("mesh", "trust.key_rotated")
-
-
-def _bindings() -> Any:
-    import nacl.bindings  # lazy: libsodium loads only when something is signed or checked
-
-    return nacl.bindings
-
-
-class Signer:
-    """Signs event ids with this node's private key."""
-
-    def __init__(self, key_file: Path) -> None:
-        text = key_file.read_text().strip()
-        seed = b64url_decode(text.removeprefix("ed25519:"))
-        public, self._secret = _bindings().crypto_sign_seed_keypair(seed)
-        self.public_key = "ed25519:" + b64url(public)
-        self._sign = _bindings().crypto_sign
-
-    def __call__(self, event_id: str) -> str:
-        return self.sign_bytes(event_id.encode("ascii"))
-
-    def sign_bytes(self, data: bytes) -> str:
-        return "ed25519:" + b64url(self._sign(data, self._secret)[:64])
-
-
-def public_key_bytes(text: str) -> bytes:
-    if not isinstance(text, str) or not text.startswith("ed25519:"):
-        raise BadInput(f"bad public key {text!r}: need ed25519:<base64url>")
-    raw = b64url_decode(text.removeprefix("ed25519:"))
-    if len(raw) != 32:
-        raise BadInput(f"bad public key {text!r}: need 32 bytes")
-    return raw
-
-
-def fingerprint(public_key: str) -> str:
-    return "sha256:" + hashlib.sha256(public_key_bytes(public_key)).hexdigest()
-
-
-def signed_by(sig: Any, data: bytes, public_key: str) -> bool:
-    """Whether `sig` ("ed25519:<base64url>") is `public_key`'s signature of `data`."""
-    if not isinstance(sig, str) or not sig.startswith("ed25519:"):
-        return False
-    try:
-        signature = b64url_decode(sig.removeprefix("ed25519:"))
-        _bindings().crypto_sign_open(signature + data, public_key_bytes(public_key))
-    except Exception:  # nacl raises BadSignatureError; bad base64 raises binascii.Error
-        return False
-    return True
-
-
-def signature_ok(env: Envelope, public_key: str) -> bool:
-    return signed_by(env.get("sig"), env["event_id"].encode("ascii"), public_key)
-
-
-def rotation_statement(node_id: str, previous_key: str, public_key: str) -> bytes:
-    """What the new key signs to prove a rotation: it takes over this node from that key."""
-    return f"orxaq-mesh key rotation\n{node_id}\n{previous_key}\n{public_key}".encode()
-
-
-def rotation_target(env: Envelope) -> str | None:
-    """The next key, when `env` is a key rotation event."""
-    if (env["topic"], env["event_type"]) != ROTATION:
-        return None
-    key = env["payload"].get("public_key")
-    return key if isinstance(key, str) else ""
+    from ..store.node import Node
 
 
 def manifest_key(manifest: dict[str, Any], seq: int) -> str:
@@ -119,7 +46,7 @@ def manifest_key(manifest: dict[str, Any], seq: int) -> str:
 
 def policy_bytes(policy: dict[str, Any]) -> bytes:
     """The signed form of a trust policy: canonical JSON of everything but `sig`."""
-    from .envelope import canonical_bytes
+    from ..envelope import canonical_bytes
 
     return canonical_bytes({k: v for k, v in policy.items() if k != "sig"})
 
@@ -136,7 +63,7 @@ class Policy:
     def load(cls, ledger_dir: Path, pinned: Iterable[str]) -> tuple[Policy | None, str | None]:
         """The policy, or None (trust on first use) and why a policy that is there was
         ignored."""
-        from .fsutil import read_regular
+        from ..store.fsutil import read_regular
 
         path = ledger_dir / "trust.json"
         try:
@@ -271,11 +198,11 @@ def _verifies(env: Envelope, key: str) -> bool:
         return False
 
 
-def sign_policy(mesh: Mesh, policy: Any) -> dict[str, Any]:
+def sign_policy(mesh: Node, policy: Any) -> dict[str, Any]:
     """Sign a trust policy ({"nodes": {node: {"keys": [...]}}}) with this node's key and
     write it as the ledger's trust.json. Nodes that pin this key in `[trust] policy_keys`
     then believe it."""
-    from .fsutil import atomic_write_bytes, dump_json_pretty
+    from ..store.fsutil import atomic_write_bytes, dump_json_pretty
 
     nodes = policy.get("nodes") if isinstance(policy, dict) else None
     if not isinstance(nodes, dict) or not all(
@@ -296,69 +223,3 @@ def sign_policy(mesh: Mesh, policy: Any) -> dict[str, Any]:
         "signed_by": signer.public_key,
         "nodes": sorted(nodes),
     }
-
-
-# --- key rotation ------------------------------------------------------------------------
-
-
-def _next_file(mesh: Mesh) -> Path:
-    key_file = mesh.layout.private_key_file
-    return key_file.with_name(key_file.name + ".next")
-
-
-def rotate_key(mesh: Mesh) -> dict[str, Any]:
-    """Make a new key pair and switch to it. Under the log lock: the rotation event (signed
-    with the old key, naming the new one) is the old key's last event, and nothing can be
-    signed in between. A crash before the switch is finished on the next publish."""
-    import os
-
-    from .fsutil import atomic_write_bytes
-
-    with mesh.log._locked():
-        nxt = _next_file(mesh)
-        if not nxt.exists():
-            atomic_write_bytes(nxt, f"ed25519:{b64url(os.urandom(32))}\n".encode(), mode=0o600)
-        new = Signer(nxt)
-        old = mesh.current_signer()
-        result = mesh.publish(
-            ROTATION[0],
-            ROTATION[1],
-            {
-                "public_key": new.public_key,
-                "previous_key": old.public_key,
-                "proof": new.sign_bytes(
-                    rotation_statement(mesh.node_id, old.public_key, new.public_key)
-                ),
-            },
-            source="mesh-rotate-key",
-            idempotency_key="rotate:" + new.public_key,
-            system=True,
-        )
-        finish_rotation(mesh)
-    return {
-        "event_id": result.event_id,
-        "seq": result.seq,
-        "public_key": new.public_key,
-        "previous_key": old.public_key,
-    }
-
-
-def finish_rotation(mesh: Mesh) -> None:
-    """Swap in the next key once its rotation event is in the log; drop it otherwise."""
-    import os
-
-    from .fsutil import fsync_dir
-    from .node import update_manifest
-
-    nxt = _next_file(mesh)
-    new = Signer(nxt)
-    done = mesh.log.idempotent_hit(mesh.node_id, ("", "rotate:" + new.public_key))
-    if done is None:
-        return  # the rotation event was never written: rotate_key will use this key
-    key_file = mesh.layout.private_key_file
-    os.replace(nxt, key_file)
-    fsync_dir(key_file.parent)
-    manifest = mesh.manifests().get(mesh.node_id, {})
-    keys = [k for k in manifest.get("keys", []) if k.get("public_key") != new.public_key]
-    keys.append({"public_key": new.public_key, "from_seq": done.seq + 1})
-    update_manifest(mesh.layout, mesh.node_id, public_key=new.public_key, keys=keys)

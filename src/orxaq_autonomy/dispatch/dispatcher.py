@@ -29,8 +29,8 @@ from typing import Any
 
 import orjson
 
-from .config import Config, DispatchPolicy, load_config
-from .envelope import (
+from ..config import Config, DispatchPolicy, load_config
+from ..envelope import (
     Draft,
     Envelope,
     canonical_bytes,
@@ -45,11 +45,13 @@ from .envelope import (
     refuse_credential,
     routing_key,
 )
-from .errors import BadInput, OperationFailed
-from .fsutil import FileLock, atomic_write_json, read_json
-from .handlers import Binding, Context, FollowUp, Reject, load_bindings
+from ..errors import BadInput, OperationFailed
+from ..handlers import Binding, Context, FollowUp, Reject
+from ..store.fsutil import FileLock, atomic_write_json, read_json
+from ..store.node import Node
+from ..store.paths import Layout
 from .lanes import publish_lanes
-from .mesh import Mesh
+from .loader import load_bindings
 
 STATE_VERSION = 1
 DEAD_LETTERED = "mesh.dispatch.dead_lettered"
@@ -173,11 +175,11 @@ def _as_followups(result: Any) -> list[FollowUp]:
 
 
 class Dispatcher:
-    """Runs the bound handlers over the log of one `Mesh`."""
+    """Runs the bound handlers over the log of one `Node`."""
 
     def __init__(
         self,
-        mesh: Mesh,
+        mesh: Node,
         config: Config | None = None,
         bindings: list[Binding] | None = None,
         clock: Callable[[], float] = time.time,
@@ -652,3 +654,35 @@ class Dispatcher:
             report.followups = sum(1 for r in results if not r.duplicate)
             report.duplicates = len(results) - report.followups
         return report
+
+
+def dispatch_status(layout: Layout, count: int) -> dict[str, Any]:
+    """The dispatcher's figures for mesh-status: cursor, lag, retries, breakers, dead letters."""
+    state_dir = layout.state_dir
+    try:
+        cursor = read_json(state_dir / "dispatch_cursor.json")
+    except FileNotFoundError:
+        cursor = {}
+    dead_by_handler: dict[str, int] = {}
+    for path in (state_dir / "dead_letters").glob("*.json"):
+        handler = path.stem.partition("--")[2]  # <event_id>--<handler>.json
+        dead_by_handler[handler] = dead_by_handler.get(handler, 0) + 1
+    pending_by_handler: dict[str, int] = {}
+    for entry in cursor.get("pending", []):
+        pending_by_handler[entry["handler"]] = pending_by_handler.get(entry["handler"], 0) + 1
+    now = time.time()
+    return {
+        "cursor": cursor.get("offset", 0),
+        "dispatched": cursor.get("dispatched", 0),
+        "lag_events": max(0, count - cursor.get("dispatched", 0)),
+        "pending": len(cursor.get("pending", [])),
+        "paused": sorted(
+            name
+            for name, breaker in cursor.get("breakers", {}).items()
+            if breaker.get("open_until", 0) > now
+        ),
+        "dead_letters": sum(dead_by_handler.values()),
+        "pending_by_handler": pending_by_handler,
+        "dead_by_handler": dead_by_handler,
+        "stats": cursor.get("stats", {}),
+    }

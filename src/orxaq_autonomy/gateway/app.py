@@ -53,11 +53,11 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .envelope import Draft
-from .errors import BadInput, EventTooLarge, MeshError, OperationFailed, UnknownEvent
+from ..envelope import Draft
+from ..errors import BadInput, EventTooLarge, MeshError, OperationFailed, UnknownEvent
+from ..mesh import Mesh
+from ..store.log import Appended
 from .intake import InvalidField, draft_from_request, drafts_from_batch
-from .log import Appended
-from .mesh import Mesh
 from .metrics import GatewayMetrics
 
 T = TypeVar("T")
@@ -209,7 +209,13 @@ class Committer:
 
         ours, theirs = socket.socketpair()
         self._process = subprocess.Popen(
-            [sys.executable, "-m", "orxaq_autonomy.writer", str(theirs.fileno()), spec(self.mesh)],
+            [
+                sys.executable,
+                "-m",
+                "orxaq_autonomy.gateway.writer",
+                str(theirs.fileno()),
+                spec(self.mesh),
+            ],
             pass_fds=[theirs.fileno()],
         )
         theirs.close()
@@ -305,7 +311,7 @@ class DispatchLoop:
     come due. A `mesh-dispatch` from cron at the same time simply skips its turn."""
 
     def __init__(self, mesh: Mesh, every: float) -> None:
-        from .dispatch import Dispatcher
+        from ..dispatch.dispatcher import Dispatcher
 
         self.dispatcher = Dispatcher(mesh)  # here, so that a broken config stops the start
         self.every = every
@@ -510,7 +516,7 @@ class Gateway:
             if size > limit:
                 raise HTTPError(413, f"body over the limit of {limit} bytes")
             chunks.append(chunk)
-        from .envelope import loads_json
+        from ..envelope import loads_json
 
         try:
             return loads_json(b"".join(chunks)), size

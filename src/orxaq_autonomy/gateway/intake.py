@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .envelope import (
+from ..envelope import (
     DRAFT_FIELDS,
     MAX_EVENT_BYTES,
     OPTIONAL_FIELDS,
@@ -31,7 +31,7 @@ from .envelope import (
     check_fits,
     check_not_reserved,
 )
-from .errors import BadInput, EventTooLarge
+from ..errors import BadInput, EventTooLarge
 
 DEFAULT_SOURCE = "http"
 _SMALL = MAX_EVENT_BYTES // 2  # a request this short cannot become an oversize event

@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 
-from .errors import BadInput, OperationFailed
+from ..errors import BadInput, OperationFailed
 
 # --- files that arrive through git ------------------------------------------------------
 #

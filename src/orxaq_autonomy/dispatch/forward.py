@@ -20,34 +20,22 @@ from __future__ import annotations
 
 import http.client
 import os
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import orjson
 
-from .envelope import Envelope, routing_key
-from .handlers import Binding, Context, Reject
-from .patterns import Pattern
+from ..envelope import Envelope, routing_key
+from ..handlers import Binding, Context, Reject
+from ..patterns import Pattern
 
 if TYPE_CHECKING:
-    from .config import Consumer
+    from ..config import Consumer
 
 FORWARD_PREFIX = "forward:"
 PERMANENT_STATUSES = frozenset({400, 413, 415, 422})
 _USER_AGENT = "orxaq-autonomy-forwarder/1"
 _MAX_ANSWER = 64 * 1024  # the answer's body is not used; reading it keeps the connection
-RESERVED_HEADERS = frozenset(
-    {
-        "content-type",
-        "content-length",
-        "host",
-        "user-agent",
-        "idempotency-key",
-        "x-orxaq-event-id",
-        "x-orxaq-routing-key",
-        "x-orxaq-node",
-    }
-)
 
 
 class DeliveryFailed(Exception):
@@ -150,3 +138,22 @@ def forward_bindings(consumers: tuple[Consumer, ...]) -> list[Binding]:
         )
         for consumer in consumers
     ]
+
+
+def forwarding_status(dispatch: dict[str, Any]) -> dict[str, dict[str, int]]:
+    """Per webhook consumer: deliveries made, failed attempts, waiting, dead-lettered."""
+    names = {
+        name
+        for table in ("stats", "pending_by_handler", "dead_by_handler")
+        for name in dispatch[table]
+        if name.startswith(FORWARD_PREFIX)
+    }
+    return {
+        name.removeprefix(FORWARD_PREFIX): {
+            "delivered": dispatch["stats"].get(name, {}).get("ok", 0),
+            "failed_attempts": dispatch["stats"].get(name, {}).get("failed", 0),
+            "pending": dispatch["pending_by_handler"].get(name, 0),
+            "dead_letters": dispatch["dead_by_handler"].get(name, 0),
+        }
+        for name in sorted(names)
+    }

@@ -32,8 +32,8 @@ from typing import Any, NamedTuple
 
 import orjson
 
-from .envelope import Draft, Envelope, InvalidEnvelope, now_timestamp, parse_envelope, seal
-from .errors import BadInput, OperationFailed, UnknownEvent
+from ..envelope import Draft, Envelope, InvalidEnvelope, now_timestamp, parse_envelope, seal
+from ..errors import BadInput, OperationFailed, UnknownEvent
 from .fsutil import FileLock, fsync_dir
 
 _SCHEMA_VERSION = 1
@@ -116,7 +116,7 @@ class EventLog:
         self._lock_depth = 0
 
     @contextmanager
-    def _locked(self) -> Iterator[None]:
+    def locked(self) -> Iterator[None]:
         """The log lock, re-entrant within this object: opening the index may rebuild it,
         which needs the lock the caller may already hold (flock would block on itself)."""
         if self._lock_depth:
@@ -143,7 +143,7 @@ class EventLog:
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA cache_size=-65536")  # 64 MiB: large batches stay in memory
             if db.execute("PRAGMA user_version").fetchone()[0] != _SCHEMA_VERSION:
-                with self._locked():
+                with self.locked():
                     if db.execute("PRAGMA user_version").fetchone()[0] != _SCHEMA_VERSION:
                         db.execute("PRAGMA journal_mode=WAL")
                         db.executescript(
@@ -202,7 +202,7 @@ class EventLog:
         tail = self._tail()
         if self._file_size() == tail.log_size and self._last_line_matches(tail):
             return tail
-        with self._locked():
+        with self.locked():
             return self._recover()
 
     def _recover(self) -> Tail:
@@ -302,7 +302,7 @@ class EventLog:
         gc_was_enabled = gc.isenabled()
         gc.disable()  # a batch allocates ~10 objects per event and frees none until the end
         try:
-            with self._locked():
+            with self.locked():
                 return self._append_locked(drafts, node_id, keep_envelopes, signer)
         finally:
             if gc_was_enabled:
@@ -397,7 +397,7 @@ class EventLog:
         its author's chain here: seq = last seq + 1 and prev = last id. Returns the events
         that did not, with the reason; an event the log already holds is skipped silently."""
         refused: list[tuple[Envelope, str]] = []
-        with self._locked():
+        with self.locked():
             tail = self._recover()
             db = self.db
             heads: dict[str, tuple[int, str | None]] = {}

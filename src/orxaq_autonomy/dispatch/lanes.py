@@ -21,12 +21,12 @@ import signal
 import subprocess
 from typing import Any
 
-from .config import Config, Lane
-from .envelope import Envelope, now_timestamp, payload_problem
-from .fsutil import atomic_write_json, read_json
-from .handlers import Context, FollowUp, Reject, handler
-from .node import update_manifest
-from .paths import Layout
+from ..config import Config, Lane
+from ..envelope import Envelope, now_timestamp, payload_problem
+from ..handlers import Context, FollowUp, Reject, handler
+from ..store.fsutil import atomic_write_json, read_json
+from ..store.manifest import update_manifest
+from ..store.paths import Layout
 
 OUTPUT_TAIL_CHARS = 2000
 

@@ -32,7 +32,7 @@ from typing import IO
 
 import orjson
 
-from .errors import OperationFailed
+from ..errors import OperationFailed
 
 ZERO = "0" * 40
 MAX_BLOB_BYTES = 16 * 1024 * 1024  # a ledger file is at most 4 MiB: far beyond is hostile

@@ -17,9 +17,9 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from .config import COUNT_FIELDS
-from .envelope import Envelope
-from .handlers import Context, FollowUp, Reject, handler
+from ..config import COUNT_FIELDS
+from ..envelope import Envelope
+from ..handlers import Context, FollowUp, Reject, handler
 
 
 @handler("monitoring.heartbeat.changed", name="heartbeat_tick")

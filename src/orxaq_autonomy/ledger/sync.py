@@ -23,14 +23,16 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from . import gitwork
-from .envelope import now_timestamp
-from .errors import BadInput, OperationFailed
-from .fsutil import FileLock, atomic_write_json, read_json
-from .gitwork import Git
-from .ledger import Progress, export_events, import_events, no_progress
-from .mesh import Mesh
-from .paths import Layout
+from ..envelope import now_timestamp
+from ..errors import BadInput, OperationFailed
+from ..store.fsutil import FileLock, atomic_write_json, read_json
+from ..store.node import Node
+from ..store.paths import Layout
+from . import git as gitwork
+from .export import export_events
+from .files import Progress, no_progress
+from .git import Git
+from .importer import import_events
 
 if TYPE_CHECKING:
     from git import Repo
@@ -72,7 +74,7 @@ class SyncReport:
         return dict(vars(self))
 
 
-def sync_state(mesh: Mesh) -> dict[str, Any]:
+def sync_state(mesh: Node) -> dict[str, Any]:
     try:
         return dict(read_json(mesh.layout.state_dir / "sync.json"))
     except FileNotFoundError:
@@ -104,7 +106,7 @@ def _remote(repo: Repo) -> str | None:
 class Syncer:
     def __init__(
         self,
-        mesh: Mesh,
+        mesh: Node,
         progress: Progress = no_progress,
         backoff_seconds: float = 0.2,
         backoff_max_seconds: float = 10.0,
@@ -130,7 +132,7 @@ class Syncer:
         return report
 
     def _run(self, push: bool, max_retries: int) -> SyncReport:
-        from .dispatch import Dispatcher
+        from ..dispatch.dispatcher import Dispatcher
 
         report = SyncReport()
         repo = _open_repo(self.layout.root)
@@ -303,7 +305,7 @@ class Syncer:
 
     def _handler_files(self, top: Path) -> set[bytes]:
         """Configured handler modules given as files, relative to the work tree."""
-        from .config import load_config
+        from ..config import load_config
 
         try:
             handlers = load_config(self.layout.state_dir / "config.toml").handlers
