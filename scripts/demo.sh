@@ -26,8 +26,9 @@ run node-a mesh-init --node-id node-a --capability routing
 run node-b mesh-init --node-id node-b --capability gpu
 run node-c mesh-init --node-id node-c
 
-say "node-b announces itself; node-a enqueues a task that needs a GPU"
+say "node-b announces itself; node-a learns of it, then enqueues a task that needs a GPU"
 run node-b mesh-sync
+run node-a mesh-sync
 run node-a mesh-publish --topic scheduling --event-type task.enqueued \
   --payload-json '{"task_id": "task-17", "required_capabilities": ["gpu"]}' \
   --correlation-id deploy-1
@@ -110,3 +111,17 @@ git -C "$demo/ci" log -4 --format='  %h %s'
 say "bad input is refused with one line and exit 2; nothing is written"
 run node-a mesh-publish --topic ci --event-type oops --payload-json '{"password": "hunter2"}' \
   || echo "exit code $?"
+
+say "anyone who can push may be hostile: a pushed node config and handler are never taken"
+quiet clone -b main "$demo/remote.git" "$demo/mallory"
+mkdir -p "$demo/mallory/state/event_mesh"
+printf 'handlers = ["pwn.py"]\n' >"$demo/mallory/state/event_mesh/config.toml"
+printf 'open("/tmp/pwned", "w")\n' >"$demo/mallory/pwn.py"
+git -C "$demo/mallory" add -f state/event_mesh/config.toml pwn.py
+git -C "$demo/mallory" -c user.name=mallory -c user.email=m@example.invalid \
+  commit -q -m "helpful config"
+quiet -C "$demo/mallory" push origin HEAD:main
+run node-a mesh-publish --topic ci --event-type run.finished --payload-json '{"run": 992}'
+run node-a mesh-sync || echo "exit code $? (node-a's own config is untouched; the rest synced)"
+grep -q pwn "$demo/node-a/state/event_mesh/config.toml" \
+  || echo "node-a's config.toml is still its own; pwn.py never ran"

@@ -20,6 +20,7 @@ import typer
 
 if TYPE_CHECKING:
     from .mesh import Mesh
+    from .store.node import Node
 
 app = typer.Typer(
     name="orxaq-autonomy",
@@ -77,6 +78,14 @@ def _open() -> Mesh:
     return Mesh.open(_globals.root)
 
 
+def _open_node() -> Node:
+    """The node alone (publish, log, trace): no wing is imported, so these commands start
+    fast (a publish from a shell loop pays the start-up every time)."""
+    from .store.node import Node
+
+    return Node.open(_globals.root)
+
+
 def _bad(message: str) -> NoReturn:
     from .errors import BadInput
 
@@ -116,7 +125,7 @@ def mesh_init(
 # --- mesh-publish --------------------------------------------------------------------------
 
 
-def _read_payload(mesh: Mesh, payload_json: str | None, payload_file: str | None) -> Any:
+def _read_payload(mesh: Node, payload_json: str | None, payload_file: str | None) -> Any:
     import orjson
 
     from .envelope import loads_json
@@ -205,7 +214,7 @@ def mesh_publish(
     as_json: JsonOpt = False,
 ) -> None:
     """Append one event (or a batch with --stdin) to this node's log, durably."""
-    mesh = _open()
+    mesh = _open_node()
     options: dict[str, Any] = {
         "topic": topic,
         "event_type": event_type,
@@ -287,7 +296,7 @@ def mesh_log(
     as_json: JsonOpt = False,
 ) -> None:
     """Query the local log, oldest first."""
-    events = _open().events(match=match, node=node, since=since, limit=limit)
+    events = _open_node().events(match=match, node=node, since=since, limit=limit)
     if as_json or _globals.json:
         sys.stdout.write(_dumps({"events": events}) + "\n")
         return
@@ -401,7 +410,7 @@ def mesh_trace(
     as_json: JsonOpt = False,
 ) -> None:
     """The causal chain of an event: its causes and its follow-ups."""
-    trace = _open().trace(event_id)
+    trace = _open_node().trace(event_id)
     lines = []
     for cause in reversed(trace["causes"]):
         lines.append(
