@@ -412,18 +412,29 @@ def changed_since(
     try:
         commit = repo.git.rev_parse("--verify", "--end-of-options", f"{rev}^{{commit}}")
         out = repo.git.diff(
+            "-z",
             "--name-status",
             "--no-renames",
             commit,
             "--",
             ledger_dir.resolve().relative_to(top).as_posix(),
+            stdout_as_string=False,
         )
     except GitCommandError as exc:
         raise BadInput(f"bad --since {rev!r}: {_one_line(exc)}") from None
     changed: dict[str, str] = {}
-    for line in out.splitlines():
-        status, _, path = line.partition("\t")
-        changed[(top / path).relative_to(root).as_posix()] = status
+    fields = out.split(b"\0")
+    prefix = root.resolve().relative_to(top).as_posix().encode() if root.resolve() != top else b""
+    for status, raw in zip(fields[0::2], fields[1::2], strict=False):
+        if prefix and raw.startswith(prefix + b"/"):
+            raw = raw[len(prefix) + 1 :]
+        try:
+            path = raw.decode("ascii")
+            plain = path.isprintable()
+        except UnicodeDecodeError:
+            plain = False
+        # a name that is not plain ASCII is quoted, as git prints it: no ledger name is
+        changed[path if plain else f'"{gitwork.printable(raw)}"'] = status.decode()
     nodes_dir = (ledger_dir / "nodes").resolve().relative_to(top).as_posix()
 
     def base_manifest(node: str) -> dict[str, Any] | None:
