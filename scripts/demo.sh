@@ -5,7 +5,8 @@ set -euo pipefail
 
 demo=$(mktemp -d "${TMPDIR:-/tmp}/orxaq-demo.XXXXXX")
 server=""
-trap '[ -n "$server" ] && kill "$server" 2>/dev/null; rm -rf "$demo"' EXIT
+natsd=""; listeners=""
+trap '[ -n "$server" ] && kill "$server" 2>/dev/null; [ -n "$listeners" ] && kill $listeners 2>/dev/null; [ -n "$natsd" ] && kill "$natsd" 2>/dev/null; rm -rf "$demo"' EXIT
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 run() { printf '\033[2m$ orxaq-autonomy --root %s %s\033[0m\n' "$1" "${*:2}"; \
         orxaq-autonomy --root "$demo/$1" "${@:2}"; }
@@ -25,6 +26,14 @@ done
 run node-a mesh-init --node-id node-a --capability routing
 run node-b mesh-init --node-id node-b --capability gpu
 run node-c mesh-init --node-id node-c
+# node-b offers a lane that runs the tasks routed to it (docs/tasks.md)
+cat >>"$demo/node-b/state/event_mesh/config.toml" <<'TOML'
+
+[[lanes]]
+id = "gpu-1"
+capabilities = ["gpu"]
+run = 'echo "rendering $ORXAQ_TASK_ID on $ORXAQ_NODE_ID, lane $ORXAQ_LANE_ID"'
+TOML
 
 say "node-b announces itself; node-a learns of it, then enqueues a task that needs a GPU"
 run node-b mesh-sync
@@ -90,6 +99,45 @@ for round in 1 2; do
   for node in node-a node-b node-c; do run "$node" mesh-sync; done
 done
 
+say "task-17 ran on node-b (lane gpu-1); node-a sees its outcome after a sync"
+run node-b mesh-tasks list
+run node-a mesh-sync
+run node-a mesh-log --match 'scheduling.task.#'
+
+say "real time: a NATS JetStream server (nats-server from the nats extra); no git sync"
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+nats-server -js -a 127.0.0.1 -p "$port" -sd "$demo/nats-store" >"$demo/nats.log" 2>&1 &
+natsd=$!
+for _ in $(seq 100); do grep -q "Server is ready" "$demo/nats.log" && break; sleep 0.1; done
+for node in node-a node-b; do
+  printf '\n[nats]\nurl = "nats://127.0.0.1:%s"\n' "$port" >>"$demo/$node/state/event_mesh/config.toml"
+  orxaq-autonomy --root "$demo/$node" mesh-listen --for 60 --json >"$demo/listen-$node.out" 2>&1 &
+  listeners="$listeners $!"
+done
+for node in node-a node-b; do
+  for _ in $(seq 100); do grep -q '"connected"' "$demo/listen-$node.out" && break; sleep 0.1; done
+done
+start=$(date +%s%N)
+id=$(orxaq-autonomy --root "$demo/node-a" mesh-publish --topic alerts --event-type disk.full \
+  --payload-json '{"host": "node-a", "used": 0.97}' --json \
+  | python3 -c 'import json, sys; print(json.load(sys.stdin)["event_id"])')
+for _ in $(seq 500); do
+  orxaq-autonomy --root "$demo/node-b" mesh-log --match 'alerts.#' --json | grep -q "$id" && break
+  sleep 0.01
+done
+echo "node-a published ${id:0:16}…; node-b had it $(( ($(date +%s%N) - start) / 1000000 )) ms later (including two CLI start-ups)"
+run node-b mesh-log --match 'alerts.#'
+kill $listeners && wait $listeners 2>/dev/null || true
+listeners=""
+kill "$natsd" && wait "$natsd" 2>/dev/null || true
+natsd=""
+
+say "git converges the same ids: node-b's import finds the alert already there"
+run node-a mesh-sync
+orxaq-autonomy --root "$demo/node-b" mesh-sync --json | python3 -c \
+  'import json, sys; r=json.load(sys.stdin); print("  node-b: git brought", r["imported"], "new events; the stream had brought them first")'
+run node-c mesh-sync
+
 say "the three logs now hold the same events"
 for node in node-a node-b node-c; do
   printf '%s: ' "$node"
@@ -97,7 +145,7 @@ for node in node-a node-b node-c; do
     | python3 -c 'import json,sys; s=json.load(sys.stdin); print(s["log"]["events"], "events,", s["dispatch"]["lag_events"], "to dispatch")'
 done
 
-say "where did task-17 go? (routed by capability to node-b; handled once, by node-a)"
+say "where did task-17 go? (routed by node-a, by capability, to node-b; run there once)"
 run node-c mesh-log --match 'routing.#'
 route=$(orxaq-autonomy --root "$demo/node-c" mesh-log --match 'routing.route.*' --limit 1 --json \
   | python3 -c 'import json, sys; print(json.load(sys.stdin)["events"][0]["event_id"][:12])')

@@ -12,10 +12,11 @@ PACKAGE = Path(orxaq_autonomy.__file__).parent
 
 # Lowest first. A module may import its own layer and the layers below it, never above.
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
-    ("core", ("errors", "patterns", "secretscan", "envelope", "config")),
+    ("core", ("errors", "patterns", "secretrules", "secretscan", "envelope", "config")),
     ("store", ("store",)),
     ("dispatch", ("dispatch", "handlers")),
     ("ledger", ("ledger",)),
+    ("exchange", ("exchange",)),
     ("mesh", ("mesh",)),
     ("gateway", ("gateway",)),
     ("entry", ("cli", "__main__", "__init__")),

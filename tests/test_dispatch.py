@@ -353,7 +353,8 @@ def test_sigkill_during_a_drain_never_duplicates_or_loses(tmp_path: Path) -> Non
     assert kinds["scaling.decision.made"] == 750
     assert kinds["scaling.command.requested"] == 750
     assert kinds["scaling.command.noop"] == 750  # no lanes configured
-    assert total == 3000 + 750 * 8
+    assert kinds["scheduling.task.dispatch.blocked"] == 750  # no lane runs tasks
+    assert total == 3000 + 750 * 9
 
 
 def test_three_concurrent_dispatchers_handle_each_event_once(tmp_path: Path) -> None:
@@ -381,8 +382,8 @@ def test_three_concurrent_dispatchers_handle_each_event_once(tmp_path: Path) -> 
     ]
     reports = [orjson.loads(p.communicate()[0]) for p in procs]
     assert all(p.returncode == 0 for p in procs)
-    assert sum(r["followups"] for r in reports) == 150 * 8
+    assert sum(r["followups"] for r in reports) == 150 * 9  # 8 + task.dispatch.blocked
     seen, total = count_followups(root)
-    assert max(seen.values()) == 1 and total == 600 + 150 * 8
+    assert max(seen.values()) == 1 and total == 600 + 150 * 9
     # the non-waiting ones either ran first or said they skipped
     assert any(r["skipped"] for r in reports) or sum(r["events"] for r in reports) >= 600

@@ -237,6 +237,7 @@ def test_noop_import_reads_no_file_of_a_node_it_is_current_with(
         "waiting": 0,
         "rejected": [],
         "forks": 0,
+        "legacy": {},
     }
 
 

@@ -8,10 +8,11 @@ Library modules are imported inside the commands so that `--help` and completion
 from __future__ import annotations
 
 import io
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
@@ -120,6 +121,42 @@ def mesh_init(
         ", ".join(changes) if changes else "already initialised, nothing changed"
     )
     _emit(as_json, result.as_dict(), human)
+
+
+@app.command("mesh-migrate")
+def mesh_migrate(
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Report what it would do; change nothing.")
+    ] = False,
+    node_id: Annotated[
+        str | None,
+        typer.Option(
+            "--node-id",
+            help="The old node's id (default: $ORXAQ_AUTONOMY_NODE_ID, else the old root's).",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Make a root that orxaq-ops wrote a node of this mesh (idempotent, resumable)."""
+    from .mesh import Mesh
+
+    report = Mesh.migrate(_globals.root, node_id, dry_run)
+    others = ", ".join(f"{n} {c}" for n, c in sorted(report.left_out.items()))
+    if report.dry_run:
+        verb = "would migrate"
+    elif report.changed:
+        verb = "migrated"
+    else:
+        verb = "already migrated:"
+    human = (
+        f"node {report.node_id}: {verb} {report.migrated} events "
+        f"({report.handled} already handled, {report.causes_mapped} causes mapped, "
+        f"{report.causes_legacy} kept as legacy_causation_id)"
+        + (f"; left out other nodes' events ({others})" if others else "")
+        + f"; old files {'go' if report.dry_run else 'kept'} under {report.archive}"
+    )
+    _emit(as_json, report.as_dict(), human)
 
 
 # --- mesh-publish --------------------------------------------------------------------------
@@ -293,14 +330,140 @@ def mesh_log(
     limit: Annotated[
         int | None, typer.Option("--limit", help="Only the most recent N matching events.")
     ] = None,
+    output: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="text (one line each), json (like --json) or cloudevents (one CloudEvents "
+            "1.0 structured JSON event a line).",
+        ),
+    ] = "text",
+    topic: Annotated[str | None, typer.Option("--topic", help="Only events of this topic.")] = None,
+    correlation_id: Annotated[
+        str | None, typer.Option("--correlation-id", help="Only events of this correlation id.")
+    ] = None,
+    tenant: Annotated[
+        str | None, typer.Option("--tenant", help="Only this tenant's events.")
+    ] = None,
+    target: Annotated[
+        str | None, typer.Option("--target", help="Only events addressed to this node.")
+    ] = None,
+    follow: Annotated[
+        bool,
+        typer.Option(
+            "--follow",
+            "-f",
+            help="After the matching events, print new ones as they arrive, until interrupted "
+            "(--json: one object a line).",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Query the local log, oldest first."""
-    events = _open_node().events(match=match, node=node, since=since, limit=limit)
-    if as_json or _globals.json:
+    if output not in ("text", "json", "cloudevents"):
+        _bad(f"bad --format {output!r}: need text, json or cloudevents")
+    fields = {"topic": topic, "correlation_id": correlation_id, "tenant": tenant}
+    fields["target"] = target
+    wanted = {k: v for k, v in fields.items() if v is not None}
+    if output == "text" and (as_json or _globals.json):
+        output = "json"
+    mesh = _open_node()
+    if not follow and not wanted:
+        events = mesh.events(match=match, node=node, since=since, limit=limit)
+    else:
+        from .envelope import normalise_node_id
+
+        if "target" in wanted:
+            wanted["target"] = normalise_node_id(wanted["target"])
+        # validates --match, --node, --since and --limit as a plain query does
+        mesh.events(match=match, node=node, since=since, limit=1)
+        keep = _log_filter(match, node, since, wanted)
+        end = mesh.log.committed().log_size
+        events = _pick(mesh, keep, limit, end)
+    if output == "cloudevents":
+        from .gateway.intake import to_cloudevent
+
+        _write_lines(_dumps(to_cloudevent(e)) for e in events)
+    elif output == "json" and not follow:
         sys.stdout.write(_dumps({"events": events}) + "\n")
-        return
-    sys.stdout.write("".join(_one_line(e) + "\n" for e in events))
+    elif output == "json":
+        _write_lines(_dumps(e) for e in events)
+    else:
+        _write_lines(_one_line(e) for e in events)
+    if follow:
+        _follow(mesh, keep, end, output)
+
+
+def _log_filter(
+    match: str | None, node: str | None, since: str | None, wanted: dict[str, str]
+) -> Callable[[dict[str, Any]], bool]:
+    from .envelope import normalise_timestamp, routing_key
+    from .patterns import compile_pattern
+
+    pattern = compile_pattern(match) if match else None
+    since_ts = normalise_timestamp(since, "since") if since is not None else None
+    pairs = tuple(wanted.items())
+
+    def keep(event: dict[str, Any]) -> bool:
+        return (
+            all(event.get(k) == v for k, v in pairs)
+            and (node is None or event["node_id"] == node)
+            and (since_ts is None or event["timestamp"] >= since_ts)
+            and (pattern is None or pattern.matches(routing_key(event)))
+        )
+
+    return keep
+
+
+def _pick(
+    mesh: Node, keep: Callable[[dict[str, Any]], bool], limit: int | None, end: int
+) -> list[dict[str, Any]]:
+    """The matching events up to byte `end`; with `limit`, the most recent of them (read
+    backwards, so the cost is what is taken)."""
+    if limit is None:
+        return [e for e in mesh.log.iter_events(0, end) if keep(e)]
+    picked: list[dict[str, Any]] = []
+    for event in mesh.log.iter_events_reverse(end):
+        if keep(event):
+            picked.append(event)
+            if len(picked) == limit:
+                break
+    picked.reverse()
+    return picked
+
+
+def _write_lines(lines: Iterator[str]) -> None:
+    sys.stdout.write("".join(line + "\n" for line in lines))
+    sys.stdout.flush()  # a follower reads each event as it comes
+
+
+def _follow(mesh: Node, keep: Callable[[dict[str, Any]], bool], end: int, output: str) -> None:
+    """Poll the log's committed size and print what was appended, until interrupted
+    (Ctrl-C or a closed pipe end it with exit 0). Polling, not inotify: the log is one
+    append-only file, and a 0.2 s poll reads nothing but a size while nothing happens."""
+    import time
+
+    render: Callable[[dict[str, Any]], str] = _one_line
+    if output == "json":
+        render = _dumps
+    elif output == "cloudevents":
+        from .gateway.intake import to_cloudevent
+
+        def render(event: dict[str, Any]) -> str:
+            return _dumps(to_cloudevent(event))
+
+    try:
+        while True:
+            size = mesh.log.committed().log_size
+            if size > end:
+                _write_lines(render(e) for e in mesh.log.iter_events(end, size) if keep(e))
+                end = size
+            time.sleep(0.2)
+    except (KeyboardInterrupt, BrokenPipeError):
+        with suppress(BrokenPipeError):
+            sys.stdout.flush()
+        # a closed pipe: point stdout at /dev/null so the exit does not complain again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 # --- mesh-status ---------------------------------------------------------------------------
@@ -325,6 +488,22 @@ def mesh_status(as_json: JsonOpt = False) -> None:
             else ""
         ),
         f"import      {status['import_rejected']} files rejected at the last import",
+        *(
+            f"handlers    {spec} paused: {why}"
+            for spec, why in sorted(status["dispatch"].get("broken_modules", {}).items())
+        ),
+        *(
+            f"migration   {node} waits for its mesh-migrate ({count} orxaq-ops files)"
+            for node, count in sorted(status.get("awaiting_migration", {}).items())
+        ),
+        *(
+            [
+                f"uncommitted {log['uncommitted_bytes']} bytes past the log's end (the next "
+                "write quarantines them)"
+            ]
+            if log.get("uncommitted_bytes")
+            else []
+        ),
         "sync        "
         + (
             f"last {status['last_sync']['last_sync']}, "
@@ -335,6 +514,20 @@ def mesh_status(as_json: JsonOpt = False) -> None:
         f"quarantined {status['quarantined']['incidents']} incidents"
         + (f" in {status['quarantined']['dir']}" if status["quarantined"]["incidents"] else ""),
     ]
+    exchange = status.get("exchange")
+    if exchange:
+        lines.append(
+            f"exchange    {exchange['url']} stream {exchange['stream']}: "
+            + ("connected" if exchange["connected"] else "not connected")
+            + f", stream at {exchange['stream_position'].get('last_seq', '?')}"
+            + f", lag {exchange['lag'] if exchange['lag'] is not None else '?'}"
+            + f", published seq {exchange['published_seq']}"
+        )
+    for lane, counts in status.get("tasks", {}).items():
+        lines.append(
+            f"tasks       lane {lane}: {counts['running']} running, {counts['queued']} queued, "
+            f"{counts['completed']} completed, {counts['failed']} failed"
+        )
     for consumer, counts in status["forwarding"].items():
         lines.append(
             f"forward     {consumer}: {counts['delivered']} delivered, {counts['pending']} "
@@ -368,7 +561,8 @@ def mesh_dispatch(
     """Run handlers over new events in the local log, exactly once."""
     if max_events is not None and max_events < 1:
         _bad(f"bad --max-events {max_events}: need a positive integer")
-    report = _dispatcher().run(max_events=max_events, wait=wait)
+    dispatcher = _dispatcher()
+    report = dispatcher.run(max_events=max_events, wait=wait)
     if report.skipped:
         sys.stderr.write("orxaq-autonomy: another mesh-dispatch is running; skipped\n")
         human = ""
@@ -381,8 +575,9 @@ def mesh_dispatch(
             + (f", {report.dead_lettered} dead-lettered" if report.dead_lettered else "")
             + (f", {report.pending} pending" if report.pending else "")
             + (f", paused: {', '.join(report.paused)}" if report.paused else "")
+            + "".join(f", {n} tasks {what}" for what, n in sorted(dispatcher.tasks.items()) if n)
         )
-    _emit(as_json, report.as_dict(), human)
+    _emit(as_json, {**report.as_dict(), "tasks": dispatcher.tasks}, human)
 
 
 @app.command("mesh-replay")
@@ -476,6 +671,133 @@ def mesh_dlq(
         )
 
 
+@app.command("mesh-tasks")
+def mesh_tasks(
+    action: Annotated[str, typer.Argument(help="list, show ID or cancel ID")] = "list",
+    ref: Annotated[
+        str | None,
+        typer.Argument(help="For show and cancel: a task id or route.selected event id/prefix."),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Tasks this node runs or ran: list, show ID, cancel ID (list and show write nothing)."""
+    if action not in ("list", "show", "cancel"):
+        _bad(f"bad mesh-tasks action {action!r}: need list, show ID or cancel ID")
+    if action != "list" and ref is None:
+        _bad(f"mesh-tasks {action} needs a task id or a route.selected event id")
+    if action == "list" and ref is not None:
+        _bad("mesh-tasks list takes no id")
+    mesh = _open()
+    if action == "list":
+        tasks = mesh.tasks()
+        human = "\n".join(_task_line(t) for t in tasks) or "no tasks"
+        _emit(as_json, {"tasks": tasks}, human)
+        return
+    assert ref is not None
+    if action == "show":
+        task = mesh.task(ref)
+        human = _task_line(task) + "".join(
+            f"\n  {key}: {value}" for key, value in task.items() if key != "output_tail"
+        )
+        if task.get("output_tail"):
+            human += "\n  output (tail):\n" + task["output_tail"]
+        _emit(as_json, task, human)
+        return
+    done = mesh.cancel_task(ref)
+    _emit(as_json, done, f"{done['task_id']} ({done['event_id'][:16]}): cancelled")
+
+
+@app.command("mesh-schema")
+def mesh_schema(
+    action: Annotated[str, typer.Argument(help="add SUBJECT FILE, check SUBJECT FILE, list, show")],
+    subject: Annotated[
+        str | None, typer.Argument(help="A routing key, e.g. scheduling.task.enqueued.")
+    ] = None,
+    file: Annotated[
+        str | None, typer.Argument(help="For add and check: a JSON Schema file (- for stdin).")
+    ] = None,
+    compatibility: Annotated[
+        str | None,
+        typer.Option("--compatibility", help="backward (default), forward, full or none."),
+    ] = None,
+    version: Annotated[int | None, typer.Option("--version", help="For show: version N.")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Per-subject JSON Schemas in the ledger: add, check, list, show."""
+    takes = {"add": 2, "check": 2, "list": 0, "show": 1}
+    if action not in takes:
+        _bad(f"bad mesh-schema action {action!r}: need add, check, list or show")
+    given = [a for a in (subject, file) if a is not None]
+    if len(given) != takes[action]:
+        usage = {"add": "SUBJECT FILE", "check": "SUBJECT FILE", "list": "", "show": "SUBJECT"}
+        _bad(f"usage: mesh-schema {action} {usage[action]}".rstrip())
+    if compatibility is not None and action not in ("add", "check"):
+        _bad(f"--compatibility is for add and check, not {action}")
+    if version is not None and action != "show":
+        _bad(f"--version is for show, not {action}")
+    node = _open_node()
+    if action == "list":
+        found = node.schema_list()
+        human = (
+            "\n".join(
+                f"{s['subject']}  v{s['latest']}  {s['compatibility']}"
+                + ("  (built in)" if s["builtin"] else "")
+                for s in found
+            )
+            or "no schemas"
+        )
+        _emit(as_json, {"subjects": found}, human)
+        return
+    assert subject is not None
+    if action == "show":
+        shown = node.schema_show(subject, version)
+        _emit(as_json, shown, _dumps(shown["schema"]))
+        return
+    assert file is not None
+    raw = _read_schema_file(node, file)
+    if action == "check":
+        result = node.schema_check(subject, raw, compatibility)
+        _emit(
+            as_json,
+            {**result, "compatible": True},
+            f"{subject}: compatible ({result['compatibility']}); it would be v{result['version']}",
+        )
+        return
+    added = node.schema_add(subject, raw, compatibility)
+    _emit(
+        as_json,
+        {"subject": added["subject"], "version": added["version"]},
+        f"{subject} v{added['version']}",
+    )
+
+
+def _read_schema_file(node: Node, file: str) -> bytes:
+    from .store.fsutil import UnsafeFile, read_regular
+    from .store.paths import resolve_input_file
+    from .store.schemas import MAX_SCHEMA_BYTES
+
+    if file == "-":
+        raw = sys.stdin.buffer.read(MAX_SCHEMA_BYTES + 1)
+    else:
+        try:
+            raw = read_regular(resolve_input_file(node.layout, file), MAX_SCHEMA_BYTES)
+        except UnsafeFile as exc:
+            _bad(f"schema file {file} {exc.message}")
+        except OSError as exc:
+            _bad(f"cannot read schema file {file}: {exc.strerror or exc}")
+    if len(raw) > MAX_SCHEMA_BYTES:
+        _bad(f"schema file {file} is over the limit of {MAX_SCHEMA_BYTES} bytes")
+    return raw
+
+
+def _task_line(task: dict[str, Any]) -> str:
+    extra = task.get("failure") or task.get("result") or ""
+    return (
+        f"{task['event_id'][:16]}  {task['task_id']}  lane {task.get('lane') or '-'}  "
+        f"{task['state']}{'  ' + extra if extra else ''}"
+    )
+
+
 # --- ledger and sync -------------------------------------------------------------------
 
 
@@ -546,10 +868,19 @@ def mesh_import(
         f"imported {report.imported} events"
         + "".join(f"\n  {node}: {n}" for node, n in sorted(report.nodes.items()))
         + (f"\n{report.waiting} waiting for an earlier event" if report.waiting else "")
+        + _legacy_lines(report.legacy)
     )
     data = report.as_dict()
     _emit(as_json, data, human)
     _exit_partial(data["rejected"])
+
+
+def _legacy_lines(legacy: dict[str, int]) -> str:
+    """Old-layout outboxes, named: they are reported, never skipped silently."""
+    return "".join(
+        f"\n  {node}: {count} orxaq-ops event files not imported: waiting for {node}'s mesh-migrate"
+        for node, count in sorted(legacy.items())
+    )
 
 
 @app.command("mesh-sync")
@@ -591,6 +922,8 @@ def mesh_sync(
         sys.stderr.write(f"orxaq-autonomy: the pull changed handler module {path}: review it\n")
     for what in report.repaired:
         sys.stderr.write(f"orxaq-autonomy: repaired: {what}\n")
+    if report.legacy:
+        sys.stderr.write(_legacy_lines(report.legacy).lstrip("\n") + "\n")
     _emit(as_json, report.as_dict(), human)
     _exit_partial([*report.rejected, *report.refused_paths])
 
@@ -661,6 +994,36 @@ def mesh_sign_policy(
         "in [trust] policy_keys believe it"
     )
     _emit(as_json, result, human)
+
+
+@app.command("mesh-listen")
+def mesh_listen(
+    seconds: Annotated[
+        float | None,
+        typer.Option(
+            "--for",
+            help="Stop after this many seconds (default: until interrupted).",
+            show_default=False,
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Exchange events in real time over NATS JetStream ([nats] in the config). With --json,
+    one JSON object per line of progress."""
+    from .exchange.listener import human
+
+    if seconds is not None and not 0 < seconds < float("inf"):
+        _bad(f"bad --for {seconds}: need seconds > 0")
+    lines = as_json or _globals.json
+
+    def progress(line: dict[str, Any]) -> None:
+        if lines:
+            sys.stdout.write(_dumps(line) + "\n")
+            sys.stdout.flush()
+        else:
+            sys.stderr.write(f"mesh-listen: {human(line)}\n")
+
+    _open().listen(seconds, progress)
 
 
 @app.command("mesh-serve")
@@ -784,9 +1147,20 @@ def _fail(code: int, message: str, as_json: bool) -> NoReturn:
     sys.exit(code)
 
 
+class _Warnings(logging.Handler):
+    """The library's warnings (e.g. a write that repaired the log) as one stderr line
+    each, written to whatever sys.stderr is at the time."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sys.stderr.write(f"orxaq-autonomy: warning: {' '.join(record.getMessage().split())}\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     from .errors import EXIT_BAD_INPUT, MeshError
 
+    library = logging.getLogger("orxaq_autonomy")
+    if not any(isinstance(h, _Warnings) for h in library.handlers):
+        library.addHandler(_Warnings(logging.WARNING))
     args = sys.argv[1:] if argv is None else argv
     as_json = "--json" in args
     try:

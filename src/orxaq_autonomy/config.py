@@ -10,7 +10,14 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from .errors import BadInput
 
@@ -123,9 +130,24 @@ class Lane(_Strict):
     rank: int = 0
     enabled: bool = True
     capabilities: tuple[str, ...] = ()
-    start: str | list[str]
-    stop: str | list[str]
+    start: str | list[str] | None = None  # optional for a lane that only runs tasks
+    stop: str | list[str] | None = None
+    run: str | list[str] | None = None  # the command that runs a task (dispatch/tasks.py)
+    max_parallel: int = Field(1, ge=1, le=10_000)  # tasks at once; more wait in order
     timeout: float = Field(60.0, gt=0)
+
+    @field_validator("start", "stop", "run")
+    @classmethod
+    def _command(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if value is not None and not (value.strip() if isinstance(value, str) else value):
+            raise ValueError("an empty command; leave the key out instead")
+        return value
+
+    @model_validator(mode="after")
+    def _something_to_run(self) -> Lane:
+        if self.run is None and (self.start is None or self.stop is None):
+            raise ValueError(f"lane {self.id!r} needs start and stop commands, or run, or both")
+        return self
 
 
 class Consumer(_Strict):
@@ -190,8 +212,64 @@ class Trust(_Strict):
         return value
 
 
+class Nats(_Strict):
+    """`[nats]`: the real-time exchange over NATS JetStream (exchange/). Off without a url.
+    Credentials are named, never inline: a NATS .creds file, a token file, or the name of
+    an environment variable that holds the token."""
+
+    url: str | None = None  # one server, or several separated by commas (a cluster)
+    stream: str = Field("ORXAQ_MESH", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    subject_prefix: str = Field("orxaq.mesh", pattern=r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+    credentials_file: str | None = None  # a NATS .creds file (JWT + nkey seed)
+    token_file: str | None = None
+    token_env: str | None = Field(None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+    @field_validator("url")
+    @classmethod
+    def _urls(cls, value: str | None) -> str | None:
+        for one in (value or "").split(","):
+            if "@" in one:
+                raise ValueError("credentials in the url are refused; use credentials_file")
+            if not re.fullmatch(r"(nats|tls|ws|wss)://[^\s/?#@]+", one.strip()):
+                raise ValueError(f"bad url {one!r}: need nats://host:port")
+        return value
+
+    @property
+    def enabled(self) -> bool:
+        return self.url is not None
+
+    @property
+    def servers(self) -> list[str]:
+        return [one.strip() for one in (self.url or "").split(",")]
+
+
+class Schemas(_Strict):
+    """`[schemas]`: with `required`, a subject without a schema may not be published."""
+
+    required: bool = False
+
+
+class NamingRule(_Strict):
+    """`[[naming]]`: a tenant's events must have subjects (routing keys) matching `pattern`."""
+
+    tenant: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]*$")
+    pattern: str
+
+    @field_validator("pattern")
+    @classmethod
+    def _compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"bad regular expression {value!r}: {exc}") from None
+        return value
+
+
 class Config(_Strict):
     handlers: tuple[str, ...] = ()
+    schemas: Schemas = Schemas()
+    naming: tuple[NamingRule, ...] = ()
+    nats: Nats = Nats()
     trust: Trust = Trust()
     dispatch: DispatchPolicy = DispatchPolicy()
     scaling: Scaling = Scaling()
@@ -292,6 +370,23 @@ TEMPLATE = """\
 # start = "systemctl --user start agent@1"
 # stop = ["systemctl", "--user", "stop", "agent@1"]
 # timeout = 60
+# A lane that runs tasks routed here (docs/tasks.md) has `run` (start/stop are then optional);
+# the command runs detached in its own group with this timeout, ORXAQ_TASK_ID,
+# ORXAQ_EVENT_ID, ORXAQ_NODE_ID, ORXAQ_LANE_ID and the task's payload in the JSON file
+# named by ORXAQ_TASK_PAYLOAD_FILE.
+# run = ["agent", "run-task"]
+# max_parallel = 1            # tasks at once on this lane; further tasks wait in order
+
+# Real-time exchange over NATS JetStream (mesh-listen, and mesh-serve): events reach the
+# other nodes within milliseconds; git still converges everything. Off without a url.
+# Credentials are named, never written here: a .creds file, a token file or a variable.
+# [nats]
+# url = "nats://127.0.0.1:4222"
+# stream = "ORXAQ_MESH"
+# subject_prefix = "orxaq.mesh"
+# credentials_file = "/etc/orxaq/node-a.creds"
+# token_file = "/etc/orxaq/nats.token"
+# token_env = "ORXAQ_NATS_TOKEN"
 
 # Webhooks: matching events are posted to each URL (JSON envelope, with the event id in
 # X-Orxaq-Event-Id and Idempotency-Key so receivers can drop repeats). Deliveries are retried

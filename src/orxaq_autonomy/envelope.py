@@ -59,8 +59,16 @@ OPTIONAL_FIELDS = (
     "partition_key",
     "tenant",
     "idempotency_key",
+    "subject",  # CloudEvents' subject, kept as given
 )
-ALL_FIELDS = REQUIRED_FIELDS | set(OPTIONAL_FIELDS) | {"prev", "sig"}
+# Set only by mesh-migrate (SPEC 12): the orxaq-ops id of a re-authored event, and of its
+# cause where that is another node's event or unknown. Covered by the id and signature.
+LEGACY_FIELDS = ("legacy_id", "legacy_causation_id")
+LEGACY_ID_RE = re.compile(r"evt_[0-9a-f]{20}")
+ALL_FIELDS = REQUIRED_FIELDS | set(OPTIONAL_FIELDS) | {"prev", "sig", "schema"} | set(LEGACY_FIELDS)
+# `schema` (`<subject>/v<N>`: the version the payload was checked against) is set by the
+# publisher's registry check (store/schemas.py), never by the caller: not a draft field.
+SCHEMA_FIELD_RE = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)+/v[1-9][0-9]{0,4}")
 DRAFT_FIELDS = frozenset(
     {"topic", "event_type", "payload", "source", "timestamp", *OPTIONAL_FIELDS}
 )
@@ -73,7 +81,9 @@ _DUMP_OPTS = orjson.OPT_SORT_KEYS
 RESERVED_TOPIC = "mesh"
 # Envelope strings whose format leaves no room for a credential (hex ids, a base64url
 # signature, a fixed timestamp shape). Every other string of an event is scanned.
-_FIXED_FORMAT_FIELDS = frozenset({"event_id", "prev", "sig", "causation_id", "timestamp"})
+_FIXED_FORMAT_FIELDS = frozenset(
+    {"event_id", "prev", "sig", "causation_id", "timestamp", *LEGACY_FIELDS}
+)
 
 
 class ReservedTopic(BadInput):
@@ -284,12 +294,16 @@ def payload_problem(value: Any, path: str = "payload", depth: int = 0) -> str | 
 
 # --- reading JSON input ------------------------------------------------------------------
 
-_BIG_INT_RE = re.compile(rb"\d{20}")
+# orjson reads integers up to 2**64 - 1 and down to -2**63 exactly and turns anything
+# beyond into a float silently. A run of 19 digits may be past either end of signed 64 bit:
+# such text is read with the range check, so both ends are refused the same way.
+_BIG_INT_RE = re.compile(rb"\d{19}")
 
 
 def loads_json(raw: bytes | str) -> Any:
-    """orjson, except where the text holds a 20+ digit run: orjson turns integers beyond
-    64 bit into floats silently, so those inputs go through json with a range check.
+    """orjson, except where the text holds a 19+ digit run: orjson turns integers beyond
+    64 bit into floats silently, so those inputs go through json with a range check, the
+    same above the maximum and below the minimum.
     Raises orjson.JSONDecodeError (a ValueError) for anything that is not JSON."""
     data = raw.encode() if isinstance(raw, str) else raw
     if _BIG_INT_RE.search(data) is None:
@@ -331,6 +345,8 @@ class Draft(NamedTuple):
     partition_key: str | None = None
     tenant: str | None = None
     idempotency_key: str | None = None
+    subject: str | None = None
+    schema: str | None = None  # set by the schema registry's check, not by the caller
 
     @classmethod
     def create(
@@ -347,6 +363,7 @@ class Draft(NamedTuple):
         partition_key: Any = None,
         tenant: Any = None,
         idempotency_key: Any = None,
+        subject: Any = None,
     ) -> Draft:
         """Every field checked, every string scanned for credentials. (Whether the topic
         may be published is the publisher's check: see `check_not_reserved`.)"""
@@ -372,6 +389,7 @@ class Draft(NamedTuple):
             idempotency_key=None
             if idempotency_key is None
             else check_text(idempotency_key, "idempotency key"),
+            subject=None if subject is None else check_text(subject, "subject"),
         )
 
     @classmethod
@@ -446,6 +464,8 @@ def seal(
         value = getattr(draft, name)
         if value is not None:
             body[name] = value
+    if draft.schema is not None:
+        body["schema"] = draft.schema
     body["event_id"] = "evt_" + hashlib.sha256(orjson.dumps(body, option=_DUMP_OPTS)).hexdigest()
     if signer is not None:
         body["sig"] = signer(body["event_id"])
@@ -494,7 +514,7 @@ def parse_envelope(data: bytes | str) -> Envelope:
     if len(data) > MAX_EVENT_BYTES:
         raise InvalidEnvelope(f"event too large: {len(data)} bytes, the limit is {MAX_EVENT_BYTES}")
     try:
-        env = orjson.loads(data)
+        env = loads_json(data)  # an out-of-range integer is refused, not read as a float
     except orjson.JSONDecodeError as exc:
         raise InvalidEnvelope(f"not valid JSON: {exc}") from None
     check_envelope(env)
@@ -551,9 +571,16 @@ def _check_envelope(env: Any) -> None:
         check_event_id(env["causation_id"], "causation id")
     if "target" in env:
         check_node_id(env["target"], "target")
-    for name in ("correlation_id", "partition_key", "tenant", "idempotency_key"):
+    for name in LEGACY_FIELDS:
+        if name in env and (type(env[name]) is not str or not LEGACY_ID_RE.fullmatch(env[name])):
+            raise _bad_value(name.replace("_", " "), env[name], "need evt_ and 20 hex digits")
+    for name in ("correlation_id", "partition_key", "tenant", "idempotency_key", "subject"):
         if name in env:
             check_text(env[name], name.replace("_", " "))
+    if "schema" in env and not (
+        type(env["schema"]) is str and SCHEMA_FIELD_RE.fullmatch(env["schema"])
+    ):
+        raise _bad_value("schema", env["schema"], "need <subject>/v<N>")
     # Every other string of the envelope, whatever its field (node_id, topic, subject, ...).
     for name, value in env.items():
         if type(value) is str and name not in _FIXED_FORMAT_FIELDS:

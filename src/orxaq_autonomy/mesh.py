@@ -13,18 +13,24 @@ dispatch, the ledger (export, import, verify, sync) and the node's figures (stat
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from .dispatch.dispatcher import Dispatcher, DispatchReport, dispatch_status
 from .dispatch.forward import forwarding_status
+from .dispatch.tasks import cancel as cancel_task
+from .dispatch.tasks import describe as describe_task
+from .dispatch.tasks import find_task, list_tasks, task_counts
 from .errors import BadInput
+from .exchange.status import exchange_status
 from .ledger.export import ExportReport, export_events
+from .ledger.files import legacy_outboxes
 from .ledger.importer import ImportReport, import_events
 from .ledger.keyring import sign_policy
 from .ledger.sync import Syncer, SyncReport, sync_state, tracked_private_files
 from .store.fsutil import read_json
 from .store.init import InitResult, init_node
+from .store.migrate import MigrateReport, migrate
 from .store.node import Node
 from .store.paths import resolve_layout
 
@@ -52,6 +58,17 @@ class Mesh(Node):
             )
         return init_node(layout, node_id, capabilities, env)
 
+    @staticmethod
+    def migrate(
+        root: str | os.PathLike[str] | None = None,
+        node_id: str | None = None,
+        dry_run: bool = False,
+        env: Mapping[str, str] | None = None,
+    ) -> MigrateReport:
+        """Make an orxaq-ops root a node of this mesh (`mesh-migrate`; idempotent, resumable;
+        docs/migration.md)."""
+        return migrate(resolve_layout(root, env), node_id, dry_run, env)
+
     def dispatch(self, max_events: int | None = None, wait: bool = False) -> DispatchReport:
         """Run the handlers over new events in the local log (`mesh-dispatch`)."""
         return Dispatcher(self).run(max_events=max_events, wait=wait)
@@ -67,6 +84,28 @@ class Mesh(Node):
     def sync(self, push: bool = True, max_retries: int = 5, wait: bool = False) -> SyncReport:
         """Pull, import, dispatch, export, commit and push (`mesh-sync`)."""
         return Syncer(self).run(push=push, max_retries=max_retries, wait=wait)
+
+    def listen(
+        self,
+        seconds: float | None = None,
+        progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Exchange events over NATS JetStream until `seconds` pass (`mesh-listen`)."""
+        from .exchange.listener import listen
+
+        return listen(self.layout, self.identity, seconds, progress)
+
+    def tasks(self) -> list[dict[str, Any]]:
+        """The tasks this node runs or ran (`mesh-tasks list`); writes nothing."""
+        return list_tasks(self.layout)
+
+    def task(self, ref: str) -> dict[str, Any]:
+        """One task by task id or route.selected event id (or prefix); writes nothing."""
+        return describe_task(*find_task(self.layout, ref))
+
+    def cancel_task(self, ref: str) -> dict[str, Any]:
+        """Kill a task's process group and record it failed / cancelled (`mesh-tasks cancel`)."""
+        return cancel_task(self, ref)
 
     def sign_policy(self, policy: Any) -> dict[str, Any]:
         """Sign a trust policy with this node's key and write it as the ledger's trust.json."""
@@ -91,6 +130,8 @@ class Mesh(Node):
                 "bytes": tail.log_size,
                 "events": tail.count,
                 "clock": tail.clock,
+                # bytes a writer left past its commit; the next write quarantines them
+                "uncommitted_bytes": max(0, self.log._file_size() - tail.log_size),
             },
             "own": {"seq": own["seq"], "event_id": own.get("event_id")},
             "unexported": max(0, own["seq"] - int(exported)),
@@ -104,14 +145,18 @@ class Mesh(Node):
             },
             "dispatch": dispatch,
             "forwarding": forwarding_status(dispatch),
+            "tasks": task_counts(self.layout),
             "quarantined": {
                 "incidents": tail.quarantined,
                 "files": quarantine,
                 "dir": str(self.layout.quarantine_dir),
             },
             "import_rejected": len(rejected.get("rejected", [])),
+            # nodes whose orxaq-ops outbox files wait for their mesh-migrate (SPEC 12)
+            "awaiting_migration": legacy_outboxes(self.layout, self.node_id),
             "forks": int(rejected.get("forks", 0)),
             "last_sync": sync_state(self) or None,
+            "exchange": exchange_status(self.layout),
         }
 
     def _read_state(self, name: str) -> dict[str, Any]:

@@ -51,7 +51,8 @@ from ..store.fsutil import FileLock, atomic_write_json, read_json
 from ..store.node import Node
 from ..store.paths import Layout
 from .lanes import publish_lanes
-from .loader import load_bindings
+from .loader import PAUSE_PREFIX, broken_modules, load_bindings, pause_broken
+from .tasks import advance as advance_tasks
 
 STATE_VERSION = 1
 DEAD_LETTERED = "mesh.dispatch.dead_lettered"
@@ -189,14 +190,19 @@ class Dispatcher:
         self.node_id = mesh.node_id
         self.config = config if config is not None else load_config(self.config_file)
         self.policy: DispatchPolicy = self.config.dispatch
+        self.broken: dict[str, str] = {}  # handler modules that failed to load: paused
+        self.modules: dict[str, list[str]] = {}  # loaded handler modules: their handlers
         self.bindings = (
-            bindings if bindings is not None else load_bindings(self.config, self.layout.root)
+            bindings
+            if bindings is not None
+            else load_bindings(self.config, self.layout.root, self.broken, self.modules)
         )
         self.by_name = {b.name: b for b in self.bindings}
         self.clock = clock
         self._routes: dict[str, list[Binding]] = {}
         self._seen = self._load_seen()
         self._event: Envelope | None = None
+        self.tasks: dict[str, int] = {}  # what the last run did to tasks (tasks.advance)
         self.ctx = Context(
             self.node_id,
             self.config,
@@ -303,7 +309,13 @@ class Dispatcher:
             # another process may have begun an outside effect since this object was made
             self._seen = self._load_seen()
             publish_lanes(self.layout, self.node_id, self.config)
-            return self._run(max_events)
+            # tasks: record finished ones and re-request routable blocked routes, handle the
+            # events, then start what this run queued (dispatch/tasks.py)
+            self.tasks = advance_tasks(self.mesh, self.config)
+            report = self._run(max_events)
+            later = advance_tasks(self.mesh, self.config)
+            self.tasks = {k: v + later.get(k, 0) for k, v in self.tasks.items()}
+            return report
         finally:
             lock.release()
 
@@ -311,13 +323,14 @@ class Dispatcher:
         report = DispatchReport()
         state = self.load_state()
         now = self.clock()
+        pause_broken(state.lagging, state.offset, self.broken, self.modules, self.layout.state_dir)
         self._close_breakers(state, now)
         budget = max_events if max_events is not None else -1
 
         # 1. retries that are due, and the events waiting behind them
         self._run_pending(state, report, now)
         # 2. handlers whose breaker closed again resume where they paused
-        for name in sorted(state.lagging):
+        for name in sorted(n for n in state.lagging if not n.startswith(PAUSE_PREFIX)):
             if name not in state.breakers or state.breakers[name].get("open_until", 0) <= now:
                 budget = self._run_range(state, report, now, budget, only=name)
         # 3. new events, chunk by chunk, including the follow-ups they cause
@@ -328,6 +341,7 @@ class Dispatcher:
                 break
         report.pending = len(state.pending)
         report.paused = sorted(n for n, b in state.breakers.items() if b.get("open_until", 0) > now)
+        report.paused += sorted(PAUSE_PREFIX + spec for spec in self.broken)
         tail = self.mesh.log.committed()
         report.lag_events = max(0, tail.count - state.dispatched)
         return report
@@ -462,7 +476,7 @@ class Dispatcher:
         self._event = event
         try:
             drafts = [
-                (binding.name, make_followup(binding.name, event, fu))
+                (binding.name, self.mesh.check_schema(make_followup(binding.name, event, fu)))
                 for fu in _as_followups(binding.fn(event, self.ctx))
             ]
         except (Reject, BadInput) as exc:  # permanent: retrying cannot help
@@ -641,7 +655,7 @@ class Dispatcher:
             self._event = event
             try:  # a failure is counted, not dead-lettered: replay is for looking
                 drafts.extend(
-                    make_followup(binding.name, event, fu)
+                    self.mesh.check_schema(make_followup(binding.name, event, fu))
                     for fu in _as_followups(binding.fn(event, self.ctx))
                 )
                 report.handled += 1
@@ -682,6 +696,7 @@ def dispatch_status(layout: Layout, count: int) -> dict[str, Any]:
             if breaker.get("open_until", 0) > now
         ),
         "dead_letters": sum(dead_by_handler.values()),
+        "broken_modules": broken_modules(state_dir),  # paused: they failed to load
         "pending_by_handler": pending_by_handler,
         "dead_by_handler": dead_by_handler,
         "stats": cursor.get("stats", {}),

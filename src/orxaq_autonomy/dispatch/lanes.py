@@ -84,7 +84,11 @@ def choose_lane(
             return None, "lane_disabled"
         return lane, ""
     if action == "scale_up":
-        ready = [lane for lane in config.lanes if lane.enabled and state(lane) == "stopped"]
+        ready = [
+            lane
+            for lane in config.lanes
+            if lane.enabled and lane.start is not None and state(lane) == "stopped"
+        ]
         if not ready:
             return None, "no_stopped_lane"
         return min(ready, key=lambda lane: (lane.rank, lane.id)), ""
@@ -182,6 +186,10 @@ def lane_actuator(event: Envelope, ctx: Context) -> FollowUp | None:
         "ORXAQ_REASON": str(base["reason"]),
     }
     command = lane.start if action == "scale_up" else lane.stop
+    if command is None:  # a lane that only runs tasks has nothing to start or stop
+        why = "lane_has_no_" + ("start" if action == "scale_up" else "stop") + "_command"
+        noop = {**base, "noop_reason": why, "lane": lane.id}
+        return FollowUp("scaling", "command.noop", noop, key=key)
     try:
         code, tail, timed_out = run_command(command, env, lane.timeout, str(layout.root))
     except OSError as exc:

@@ -55,9 +55,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..envelope import Draft
 from ..errors import BadInput, EventTooLarge, MeshError, OperationFailed, UnknownEvent
+from ..exchange.listener import ListenerThread, nats_config
 from ..mesh import Mesh
 from ..store.log import Appended
-from .intake import InvalidField, draft_from_request, drafts_from_batch
+from .intake import (
+    InvalidField,
+    cloudevent_from_http,
+    draft_from_request,
+    drafts_from_batch,
+    is_binary_cloudevent,
+)
 from .metrics import GatewayMetrics
 
 T = TypeVar("T")
@@ -372,6 +379,14 @@ class Gateway:
             self.dispatch.wake.set if self.dispatch else (lambda: None),
             self._writer_failed,
         )
+        # [nats] set: the real-time exchange runs beside the HTTP API (its own thread)
+        self.exchange = (
+            ListenerThread(
+                mesh.layout, mesh.identity, self.dispatch.wake.set if self.dispatch else None
+            )
+            if nats_config(mesh.layout).enabled
+            else None
+        )
         self.fatal: str | None = None
         self.server: Any = None  # the uvicorn server, once serve() runs
         self.limiter = RateLimiter(settings.rate_limit, settings.burst)
@@ -403,12 +418,16 @@ class Gateway:
         await self.committer.start()
         if self.dispatch:
             self.dispatch.start()
+        if self.exchange:
+            self.exchange.start()
 
     async def stop(self) -> None:
         await self.committer.stop()
         loop = asyncio.get_running_loop()
         if self.dispatch:
             await loop.run_in_executor(None, self.dispatch.stop)
+        if self.exchange:
+            await loop.run_in_executor(None, self.exchange.stop)
         await loop.run_in_executor(self._reads, self.reader.close)
         self._reads.shutdown()
 
@@ -500,8 +519,9 @@ class Gateway:
                 headers={"WWW-Authenticate": 'Bearer realm="orxaq-mesh"'},
             )
 
-    async def _body(self, request: Request, limit: int) -> tuple[Any, int]:
-        """The parsed JSON body and its length in bytes."""
+    async def _body(self, request: Request, limit: int, empty_ok: bool = False) -> tuple[Any, int]:
+        """The parsed JSON body and its length in bytes (`None` for an empty body where
+        `empty_ok`: a CloudEvent in binary mode may come without data)."""
         # The body is parsed as JSON whatever its Content-Type says (curl -d sends a form
         # type): a token is needed to write, so a browser's cross-site form cannot post.
         declared = request.headers.get("content-length")
@@ -518,8 +538,11 @@ class Gateway:
             chunks.append(chunk)
         from ..envelope import loads_json
 
+        raw = b"".join(chunks)
+        if empty_ok and not raw.strip():
+            return None, size
         try:
-            return loads_json(b"".join(chunks)), size
+            return loads_json(raw), size
         except ValueError as exc:
             raise HTTPError(400, f"invalid JSON: {exc}", "body") from None
 
@@ -533,7 +556,9 @@ class Gateway:
 
     async def post_event(self, request: Request) -> Response:
         self._admit(request, write=True)
-        body, size = await self._body(request, SINGLE_BODY_LIMIT)
+        binary = is_binary_cloudevent(request.headers)  # CloudEvents: ce-* headers
+        body, size = await self._body(request, SINGLE_BODY_LIMIT, empty_ok=binary)
+        body = cloudevent_from_http(request.headers, body, has_data=body is not None)
         draft = draft_from_request(body, size)
         (result,) = await self.committer.submit([draft])
         answer: dict[str, Any] = {

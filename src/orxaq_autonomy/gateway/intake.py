@@ -9,7 +9,9 @@ Three shapes, told apart by their keys:
 - the HTTP router format this project replaces: `{"type": "ci.result", "source", "payload",
   "timestamp"?, "correlation_id"?}` (the first segment of `type` is the topic, the rest the
   event type), plus any of the mesh's optional fields;
-- a CloudEvents 1.0 event in structured JSON mode (it has `specversion`).
+- a CloudEvents 1.0 event in structured JSON mode (it has `specversion`), or in binary
+  mode (`ce-*` headers, the data in the body: `cloudevent_from_http` turns it into the
+  structured form first).
 
 Every problem is an `InvalidField` naming the request's own field (`type`, `data`, ...),
 so a 422 tells the caller what to fix in the terms they used.
@@ -20,7 +22,9 @@ own.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
+from urllib.parse import unquote
 
 from ..envelope import (
     DRAFT_FIELDS,
@@ -50,7 +54,7 @@ CE_ATTRIBUTES = {
     "time": "timestamp",
     "data": "payload",
     "datacontenttype": None,
-    "subject": "partition_key",
+    "subject": "subject",  # kept as given; also the partition key if none is given
     "partitionkey": "partition_key",  # the CloudEvents partitioning extension
     "correlationid": "correlation_id",
     "causationid": "causation_id",
@@ -157,22 +161,77 @@ def _from_cloudevent(body: dict[str, Any]) -> tuple[Fields, Names]:
         if not isinstance(body.get(name), str) or not body[name]:
             raise InvalidField(name, "required: a non-empty string")
     content_type = body.get("datacontenttype", "application/json")
-    media = str(content_type).split(";")[0].strip().lower()
-    if media != "application/json" and not media.endswith("+json"):
+    if not is_json_media_type(content_type):
         raise InvalidField("datacontenttype", f"{content_type!r}: only JSON data is supported")
     fields: Fields = {}
     names: Names = {}
     for attribute, target in CE_ATTRIBUTES.items():
         if target is None or attribute not in body or attribute in ("id", "type"):
             continue
-        if target == "partition_key" and attribute == "subject" and "partitionkey" in body:
-            continue  # the explicit partition key wins
         fields[target], names[target] = body[attribute], attribute
+    if "subject" in body and "partitionkey" not in body:
+        # events about one subject stay in order, as before `subject` was kept
+        fields["partition_key"], names["partition_key"] = body["subject"], "subject"
     fields["topic"], fields["event_type"] = _split_type(body["type"], "type")
     names["topic"] = names["event_type"] = "type"
     fields["idempotency_key"] = f"ce:{len(body['source'])}:{body['source']}#{body['id']}"
     names["idempotency_key"] = "id"
     return fields, names
+
+
+def is_json_media_type(value: Any) -> bool:
+    """`application/json`, `text/json`, `application/<anything>+json` (CloudEvents' own
+    `application/cloudevents+json` among them), parameters and case aside: the media types
+    the CloudEvents JSON format treats as JSON data."""
+    if not isinstance(value, str):
+        return False
+    media = value.split(";", 1)[0].strip().lower()
+    kind, _, sub = media.partition("/")
+    return (kind, sub) in {("application", "json"), ("text", "json")} or (
+        kind == "application" and sub.endswith("+json") and len(sub) > len("+json")
+    )
+
+
+def is_structured_cloudevent(content_type: str | None) -> bool:
+    """CloudEvents' structured mode media type (with parameters, any case)."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    return media == "application/cloudevents+json"
+
+
+def is_binary_cloudevent(headers: Mapping[str, str]) -> bool:
+    """A request in CloudEvents' binary mode: `ce-specversion` given, and a Content-Type
+    other than the structured mode's (which wins, as the HTTP binding says)."""
+    return "ce-specversion" in headers and not is_structured_cloudevent(headers.get("content-type"))
+
+
+def cloudevent_from_http(headers: Mapping[str, str], data: Any, has_data: bool) -> Any:
+    """The request body as `draft_from_request` reads it. In CloudEvents' binary mode, the
+    structured event: every `ce-<name>` header is the attribute `<name>` (values
+    percent-decoded, as the HTTP binding says), the Content-Type is `datacontenttype` and
+    the body is `data`. In structured mode the body must be a CloudEvent. Any other
+    request comes back as it was."""
+    if not is_binary_cloudevent(headers):
+        if (
+            is_structured_cloudevent(headers.get("content-type"))
+            and isinstance(data, dict)
+            and "specversion" not in data
+        ):
+            raise InvalidField("specversion", "required in application/cloudevents+json")
+        return data
+    event: dict[str, Any] = {}
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower.startswith("ce-") and len(lower) > 3:
+            attribute = lower[3:]
+            if attribute in ("data", "data_base64"):
+                raise InvalidField(name, "not a CloudEvents attribute header")
+            event[attribute] = unquote(value)
+    content_type = headers.get("content-type")
+    if content_type is not None:
+        event["datacontenttype"] = content_type
+    if has_data:
+        event["data"] = data
+    return event
 
 
 def _renamed(body: dict[str, Any]) -> tuple[Fields, Names]:
@@ -229,3 +288,37 @@ def _blame(fields: Fields) -> str:
         except BadInput:
             return name
     return "event"
+
+
+# --- the other way: an event as a CloudEvent ------------------------------------------------
+
+# Envelope fields and the CloudEvents extension attributes that carry them, the same names
+# the intake reads: an event written out can be posted to another mesh as it is.
+_CE_EXTENSIONS = {
+    "partition_key": "partitionkey",
+    "correlation_id": "correlationid",
+    "causation_id": "causationid",
+    "tenant": "tenant",
+    "target": "target",
+}
+
+
+def to_cloudevent(envelope: Mapping[str, Any]) -> dict[str, Any]:
+    """One event as a CloudEvents 1.0 event in structured JSON form: `id` is the event id,
+    `type` the routing key, `time` the timestamp, `data` the payload; `subject` and the
+    extensions above when the event has them."""
+    event: dict[str, Any] = {
+        "specversion": "1.0",
+        "id": envelope["event_id"],
+        "source": envelope["source"],
+        "type": f"{envelope['topic']}.{envelope['event_type']}",
+        "time": envelope["timestamp"],
+        "datacontenttype": "application/json",
+    }
+    if "subject" in envelope:
+        event["subject"] = envelope["subject"]
+    for field, attribute in _CE_EXTENSIONS.items():
+        if field in envelope:
+            event[attribute] = envelope[field]
+    event["data"] = envelope["payload"]
+    return event

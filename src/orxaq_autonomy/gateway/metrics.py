@@ -149,6 +149,37 @@ class NodeCollector(Collector):
             status["import_rejected"],
         )
         yield _gauge("orxaq_import_forks", "Forks detected in the ledger.", status["forks"])
+        tasks = GaugeMetricFamily(
+            "orxaq_tasks",
+            "Tasks on this node by lane and state (running, queued, completed, failed).",
+            labels=["lane", "state"],
+        )
+        for lane, counts in sorted(status.get("tasks", {}).items()):
+            for state, count in sorted(counts.items()):
+                tasks.add_metric([lane, state], count)
+        yield tasks
+        exchange = status.get("exchange")
+        if exchange:  # [nats]: the real-time exchange, from the listener's state file
+            yield _gauge(
+                "orxaq_exchange_connected",
+                "1 when the NATS listener runs and is connected.",
+                int(bool(exchange["connected"])),
+            )
+            yield _gauge(
+                "orxaq_exchange_lag",
+                "Stream messages not yet consumed, plus those waiting unacknowledged.",
+                exchange["lag"] or 0,
+            )
+            yield _gauge(
+                "orxaq_exchange_stream_last_seq",
+                "The stream's last sequence number, as last seen.",
+                exchange["stream_position"].get("last_seq", 0),
+            )
+            yield _gauge(
+                "orxaq_exchange_published_seq",
+                "This node's last event published to the stream.",
+                exchange["published_seq"],
+            )
 
 
 def _gauge(name: str, help_text: str, value: Any) -> GaugeMetricFamily:

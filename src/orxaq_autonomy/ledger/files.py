@@ -31,14 +31,16 @@ from typing import Any
 
 import orjson
 
-from ..envelope import Envelope, check_envelope
+from ..envelope import NODE_ID_RE, Envelope, check_envelope
 from ..errors import BadInput
 from ..store.fsutil import (
     file_kind,
+    plain_folder,
     printable,
     read_regular,
     utf8_name,
 )
+from ..store.legacy import is_legacy_event
 from ..store.manifest import (
     load_manifest,
 )
@@ -119,6 +121,11 @@ def read_event_file(path: Path, folder_node: str) -> Envelope:
         env = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise BadInput(f"is not valid JSON (truncated?): {exc}") from None
+    if is_legacy_event(env):
+        raise BadInput(
+            f"is an orxaq-ops event: {folder_node} still runs orxaq-ops; its events come "
+            f"once {folder_node} runs mesh-migrate"
+        )
     check_envelope(env)
     if len(orjson.dumps(env)) > 1024 * 1024:
         raise BadInput("holds an event over 1 MiB")
@@ -169,3 +176,31 @@ def read_manifest(path: Path) -> dict[str, Any]:
     """A manifest from the ledger (see node.load_manifest: named `<node_id>.json`, a
     regular file of at most 1 MiB, never followed through a symlink)."""
     return load_manifest(path)
+
+
+# --- orxaq-ops outboxes ----------------------------------------------------------------
+
+LEGACY_FILE_RE = re.compile(r"evt_[0-9a-f]{20}\.json")
+
+
+def legacy_outboxes(layout: Layout, skip: str | None = None) -> dict[str, int]:
+    """Per node, how many orxaq-ops event files (`evt_<20 hex>.json`, loose in
+    `outbox/<node>/`) its folder holds: that node still runs orxaq-ops and waits for its
+    mesh-migrate (which moves them away). Names only: nothing is opened or followed."""
+    found: dict[str, int] = {}
+    try:
+        outbox = plain_folder(layout.ledger_dir, ("outbox",))
+        nodes = sorted(os.listdir(outbox))
+    except (OSError, BadInput):
+        return found
+    for node in nodes:
+        if node == skip or not utf8_name(node) or not NODE_ID_RE.fullmatch(node):
+            continue
+        try:
+            folder = plain_folder(layout.ledger_dir, ("outbox", node))
+            count = sum(1 for name in os.listdir(folder) if LEGACY_FILE_RE.fullmatch(name))
+        except (OSError, BadInput):
+            continue
+        if count:
+            found[node] = count
+    return found

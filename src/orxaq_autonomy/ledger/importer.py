@@ -28,6 +28,7 @@ from .files import (
     bucket_of,
     event_files,
     event_path,
+    legacy_outboxes,
     no_progress,
     read_event_file,
     read_manifest,
@@ -44,6 +45,8 @@ class ImportReport:
     waiting: int = 0  # valid events whose predecessor has not arrived yet
     rejected: list[Problem] = field(default_factory=list)
     forks: int = 0
+    # orxaq-ops event files per node: not imported until that node runs mesh-migrate
+    legacy: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -52,6 +55,7 @@ class ImportReport:
             "waiting": self.waiting,
             "rejected": [p.as_dict() for p in self.rejected],
             "forks": self.forks,
+            "legacy": self.legacy,
         }
 
 
@@ -144,6 +148,16 @@ def import_events(
             except BadInput as exc:
                 report.rejected.append(Problem(rel(event_path(layout, nxt)), exc.message))
                 break
+            try:
+                problem = mesh.schemas.check_event(nxt)
+            except FileNotFoundError:  # its schema version has not arrived: it waits, as
+                candidates[nxt["seq"]] = [nxt]  # an event whose predecessor is missing does
+                break
+            except (BadInput, OSError) as exc:  # a version file that is unsafe or unreadable
+                problem = _reason(exc)
+            if problem is not None:
+                report.rejected.append(Problem(rel(event_path(layout, nxt)), f"schema: {problem}"))
+                break
             chain.append(nxt)
             key = next_key
             seq, prev = nxt["seq"], nxt["event_id"]
@@ -161,6 +175,7 @@ def import_events(
             if budget > 0:
                 budget -= count
     keyring.save()
+    report.legacy = legacy_outboxes(layout, mesh.node_id)
     if forks:
         _record_forks(mesh, forks)
     report.forks = len(forks)

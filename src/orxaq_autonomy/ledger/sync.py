@@ -57,6 +57,7 @@ class SyncReport:
     imported: int = 0
     rejected: list[dict[str, str]] = field(default_factory=list)
     waiting: int = 0
+    legacy: dict[str, int] = field(default_factory=dict)  # orxaq-ops files awaiting migration
     dispatched: int = 0
     followups: int = 0
     exported: int = 0
@@ -151,6 +152,7 @@ class Syncer:
         report.imported = imported.imported
         report.rejected = [p.as_dict() for p in imported.rejected]
         report.waiting = imported.waiting
+        report.legacy = imported.legacy
         dispatched = Dispatcher(self.mesh).run(wait=True)
         report.dispatched = dispatched.events
         report.followups = dispatched.followups

@@ -20,6 +20,7 @@ from ..store.manifest import (
     manifest_node,
 )
 from ..store.paths import Layout
+from ..store.schemas import VERSION_FILE_RE, Registry, problems_in_registry
 from .files import (
     NOT_UTF8,
     Problem,
@@ -127,6 +128,8 @@ def verify_ledger(
                     nodes.add(node_name)
                 elif status[0] != "D":
                     report.problems.append(Problem(path, "is not named <node_id>.json"))
+    registry = Registry(layout)
+    _check_registry(layout, registry, changed, report)
     keyring = Keyring(layout.ledger_dir, None, policy_keys)
     if keyring.policy_problem:
         report.problems.append(
@@ -184,6 +187,7 @@ def verify_ledger(
                 )
                 continue
             by_seq[env["seq"]] = env
+            _check_schema(registry, env, rel(file), report)
         key: str | None = None
         trusted = base or manifest
         if trusted is not None:
@@ -221,3 +225,33 @@ def verify_ledger(
                 )
             )
     return report
+
+
+def _check_schema(registry: Registry, env: Envelope, where: str, report: VerifyReport) -> None:
+    """The event against the schema version it names (an event that names none passes)."""
+    try:
+        problem = registry.check_event(env)
+    except FileNotFoundError:
+        problem = f"names schema {env.get('schema')}, which is not in the ledger"
+    except (BadInput, OSError) as exc:
+        problem = _reason(exc)
+    if problem is not None:
+        report.problems.append(Problem(where, f"schema: {problem}"))
+
+
+def _check_registry(
+    layout: Layout, registry: Registry, changed: dict[str, str] | None, report: VerifyReport
+) -> None:
+    """The registry itself: valid schemas, versions 1..N, each compatible with the ones
+    before it under the subject's mode; with `--since`, no version changed or deleted."""
+    report.problems.extend(Problem(where, why) for where, why in problems_in_registry(registry))
+    if changed is None:
+        return
+    prefix = layout.relative(registry.root) + "/"
+    verb = {"M": "modified", "D": "deleted", "R": "renamed", "T": "retyped"}
+    for path, status in sorted(changed.items()):
+        name = Path(path).name
+        if path.startswith(prefix) and status[0] in verb and VERSION_FILE_RE.fullmatch(name):
+            report.problems.append(
+                Problem(path, f"was {verb[status[0]]}: published schema versions are immutable")
+            )

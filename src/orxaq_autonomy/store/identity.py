@@ -22,6 +22,7 @@ from .fsutil import (
     read_json,
 )
 from .keys import Signer
+from .legacy import is_legacy_log, refuse_message
 from .paths import ENV_NODE_ID, Layout
 
 CAPABILITY_RE = re.compile(r"[a-z0-9][a-z0-9._:-]{0,62}")
@@ -54,6 +55,8 @@ def load_identity(layout: Layout, env: Mapping[str, str] | None = None) -> Ident
         data = read_json(layout.node_file)
         identity = Identity(data["node_id"], tuple(data["capabilities"]), data["created_at"])
     except FileNotFoundError:
+        if is_legacy_log(layout.log_file):
+            raise NotInitialised(refuse_message(layout.log_file, layout.root)) from None
         raise NotInitialised(
             f"{layout.root} is not initialised: run `orxaq-autonomy --root {layout.root} mesh-init`"
         ) from None

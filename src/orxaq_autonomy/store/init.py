@@ -23,6 +23,7 @@ from .identity import (
     public_key_text,
 )
 from .keys import new_key_text
+from .legacy import is_legacy_log, refuse_message
 from .manifest import (
     _nodes_folder,
     _read_own,
@@ -63,6 +64,8 @@ def init_node(
     """Create (or complete) the layout for one node. Rerunning changes nothing that exists;
     new capabilities are added to the identity and the manifest."""
     env = os.environ if env is None else env
+    if is_legacy_log(layout.log_file):  # before anything is written: mesh-migrate takes it
+        raise BadInput(refuse_message(layout.log_file, layout.root))
     wanted_caps = {check_capability(c) for c in capabilities}
     requested = normalise_node_id(node_id) if node_id is not None else None
     if layout.node_file.exists():

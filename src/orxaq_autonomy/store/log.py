@@ -10,9 +10,11 @@ One mechanism gives atomic batches, crash recovery and constant-cost appends:
   own cursor (`indexed_size`): lookups first index the committed lines past the cursor.
   Appends stay free of per-event index writes, and no lookup ever re-reads old lines.
 - Bytes past the committed `log_size` can only come from a writer that died before its
-  commit (a torn line, or a whole unacknowledged batch). Under the lock they are moved to
-  `quarantine/` and the log is truncated back, so a batch is all-or-none and a torn line
-  is never merged with the next event.
+  commit (a torn line, or a whole unacknowledged batch). Readers simply stop at
+  `log_size`; the next writer, under the lock, moves them to `quarantine/` and truncates
+  the log back (and logs a warning saying so), so a batch is all-or-none and a torn line
+  is never merged with the next event. Reading never moves, truncates or quarantines
+  anything: at most it rebuilds the index, which is a cache of the log.
 
 Nothing here reads the whole log except `rebuild`, which runs only when the index is
 missing or does not belong to the log (for example a restored backup).
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import logging
 import os
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator
@@ -35,6 +38,9 @@ import orjson
 from ..envelope import Draft, Envelope, InvalidEnvelope, now_timestamp, parse_envelope, seal
 from ..errors import BadInput, OperationFailed, UnknownEvent
 from .fsutil import FileLock, fsync_dir
+from .legacy import is_legacy_log, refuse_message
+
+_logger = logging.getLogger("orxaq_autonomy")
 
 _SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -151,7 +157,8 @@ class EventLog:
                         )
                         self._db = db
                         if self._file_size() > 0:
-                            self.rebuild()  # a log that predates this index
+                            # a log that predates this index; a torn tail stays for a writer
+                            self.rebuild(repair=False)
             self._db = db
         return self._db
 
@@ -198,20 +205,34 @@ class EventLog:
     # --- consistency ------------------------------------------------------------------
 
     def committed(self) -> Tail:
-        """The committed tail, recovering first if a crashed writer left bytes behind."""
+        """The committed tail, for reading: bytes past it (a writer that died before its
+        commit, or one still writing) are left where they are for the next writer. Only an
+        index that does not belong to the log is rebuilt (the index is a cache)."""
         tail = self._tail()
-        if self._file_size() == tail.log_size and self._last_line_matches(tail):
+        if self._file_size() >= tail.log_size and self._last_line_matches(tail):
+            if tail.log_size == 0 and self._file_size() > 0:
+                self._refuse_legacy()
             return tail
         with self.locked():
-            return self._recover()
+            tail = self._tail()
+            if self._file_size() >= tail.log_size and self._last_line_matches(tail):
+                return tail
+            return self.rebuild(repair=False)
+
+    def _refuse_legacy(self) -> None:
+        """An orxaq-ops log is never read as this format, nor quarantined as a torn tail."""
+        if is_legacy_log(self.path):
+            raise BadInput(refuse_message(self.path))
 
     def _recover(self) -> Tail:
-        """Bring log and index into agreement. Caller holds the lock."""
+        """Bring log and index into agreement before a write. Caller holds the lock."""
         tail = self._tail()
         size = self._file_size()
         if size < tail.log_size or not self._last_line_matches(tail):
             return self.rebuild()
         if size > tail.log_size:
+            if tail.log_size == 0:
+                self._refuse_legacy()
             self._quarantine_from(tail.log_size, size)
             self.db.execute("UPDATE tail SET quarantined = quarantined + 1")
             tail = self._tail()
@@ -237,9 +258,18 @@ class EventLog:
             os.fsync(fd)
         finally:
             os.close(fd)
+        _logger.warning(
+            "repaired %s: moved %d uncommitted bytes (a writer that died before its commit) "
+            "from byte %d to %s",
+            self.path,
+            size - offset,
+            offset,
+            target,
+        )
 
-    def rebuild(self) -> Tail:
-        """Re-index the whole log. Caller holds the lock. Used only when the index is lost."""
+    def rebuild(self, repair: bool = True) -> Tail:
+        """Re-index the whole log. Caller holds the lock. Used only when the index is lost.
+        With `repair=False` (a reader) a torn tail is left in place, past `log_size`."""
         size = self._file_size()
         good_size = size
         count = 0
@@ -254,6 +284,8 @@ class EventLog:
             try:
                 env = parse_envelope(line[:-1])
             except InvalidEnvelope as exc:
+                if offset == 0:
+                    self._refuse_legacy()
                 raise OperationFailed(
                     f"log {self.path} is corrupt at byte {offset}: {exc.message}; "
                     "move it aside to start a new one"
@@ -274,13 +306,14 @@ class EventLog:
                 "INSERT INTO nodes VALUES (?,?,?)", [(n, s, i) for n, (s, i) in nodes.items()]
             )
             db.executemany("INSERT OR IGNORE INTO idempotency VALUES (?,?,?,?,?)", idem)
-            quarantined = tail.quarantined + (1 if good_size < size else 0)
+            torn = repair and good_size < size
+            quarantined = tail.quarantined + (1 if torn else 0)
             db.execute(
                 "UPDATE tail SET log_size=?, last_offset=?, last_event_id=?, clock=?, count=?, "
                 "quarantined=?, indexed_size=0",
                 (good_size, last_offset, last_id, clock, count, quarantined),
             )
-            if good_size < size:
+            if torn:
                 self._quarantine_from(good_size, size)
         return self._tail()
 
@@ -525,6 +558,16 @@ class EventLog:
                 for line in reversed(data.split(b"\n")):
                     if line:
                         yield orjson.loads(line)
+
+    def find_legacy(self, legacy_id: str) -> Envelope | None:
+        """The event migrated from orxaq-ops with this old id (a byte search of the log:
+        only `mesh-trace` asks, for links that crossed nodes before the migration)."""
+        needle = b'"legacy_id":"' + legacy_id.encode() + b'"'
+        for _, line in self.iter_lines(0, self.committed().log_size):
+            if needle in line:
+                found: Envelope = orjson.loads(line)
+                return found
+        return None
 
     def read_at(self, offset: int) -> Envelope:
         with open(self.path, "rb") as fh:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import orjson
 
@@ -32,6 +32,13 @@ from .log import Appended, EventLog
 from .manifest import list_manifests, load_manifest, update_manifest
 from .paths import Layout, resolve_layout
 
+if TYPE_CHECKING:
+    from .schemas import Registry
+
+# The built-in chain's schemas (package data): a subject with neither one of these nor a
+# folder in the ledger's registry has no schema, and its publish never imports store/schemas.
+_BUILTIN_SCHEMAS = Path(__file__).with_name("builtin_schemas")
+
 
 class Node:
     """One node: its layout, identity, log and signer."""
@@ -44,6 +51,8 @@ class Node:
         )
         self._signer: Signer | None = None
         self._signer_stamp: tuple[int, int] | None = None
+        self._schemas: Registry | None = None
+        self._policy: tuple[Any, bool, tuple[tuple[str, Any], ...]] | None = None
 
     @classmethod
     def open(
@@ -85,7 +94,7 @@ class Node:
             fields["causation_id"] = self._causation(fields["causation_id"])
         draft = Draft.create(topic, event_type, payload, **fields)
         check_not_reserved(draft.topic, system)
-        return self._append([draft], keep_envelopes=True)[0]
+        return self._append([self.check_schema(draft)], keep_envelopes=True)[0]
 
     def publish_many(
         self,
@@ -106,7 +115,7 @@ class Node:
                         fields["causation_id"] = self._causation(fields["causation_id"])
                     draft = Draft.from_mapping(fields, default_source)
                     check_not_reserved(draft.topic, system)
-                    yield draft
+                    yield self.check_schema(draft)
                 except BadInput as exc:
                     raise BadInput(f"item {number}: {exc.message}") from None
 
@@ -117,7 +126,8 @@ class Node:
     ) -> list[Appended]:
         """Append drafts built elsewhere (the gateway's writer, the dispatcher), all or none.
         A draft on the topic `mesh` is refused unless `system=True`."""
-        return self._append(drafts if system else unreserved(drafts), keep_envelopes)
+        checked = (self.check_schema(d) for d in (drafts if system else unreserved(drafts)))
+        return self._append(checked, keep_envelopes)
 
     def _append(self, drafts: Iterable[Draft], keep_envelopes: bool) -> list[Appended]:
         return self.log.append(drafts, self.node_id, keep_envelopes, self.current_signer)
@@ -187,6 +197,144 @@ class Node:
         keys.append({"public_key": new.public_key, "from_seq": done.seq + 1})
         update_manifest(self.layout, self.node_id, public_key=new.public_key, keys=keys)
 
+    # --- schemas (SPEC 9) --------------------------------------------------------------
+
+    @property
+    def schemas(self) -> Registry:
+        """The ledger's schema registry (store/schemas.py)."""
+        if self._schemas is None:
+            from .schemas import Registry
+
+            self._schemas = Registry(self.layout)
+        return self._schemas
+
+    def _schema_policy(self) -> tuple[bool, tuple[tuple[str, Any], ...]]:
+        """`[schemas] required` and the `[[naming]]` rules from the config. The config is
+        parsed (pydantic) only when it mentions either, so a plain publish stays fast."""
+        path = self.layout.state_dir / "config.toml"
+        try:
+            info = path.stat()
+            stamp: Any = (info.st_ino, info.st_mtime_ns, info.st_size)
+        except FileNotFoundError:
+            stamp = None
+        if self._policy is not None and self._policy[0] == stamp:
+            return self._policy[1], self._policy[2]
+        required: bool = False
+        naming: tuple[tuple[str, Any], ...] = ()
+        if stamp is not None:
+            raw = path.read_bytes()
+            if b"schemas" in raw or b"naming" in raw:
+                import re
+
+                from ..config import load_config
+
+                config = load_config(path)
+                required = config.schemas.required
+                naming = tuple((r.tenant, re.compile(r.pattern)) for r in config.naming)
+        self._policy = (stamp, required, naming)
+        return required, naming
+
+    def check_schema(self, draft: Draft) -> Draft:
+        """`draft` checked against its subject's latest schema (and the naming rules),
+        carrying the version it was checked against. BadInput names the JSON path and rule."""
+        required, naming = self._schema_policy()
+        subject = f"{draft.topic}.{draft.event_type}"
+        if (
+            self._schemas is None  # once the registry is loaded, it answers (and caches)
+            and not required
+            and not naming
+            and not os.path.lexists(self.layout.ledger_dir / "schemas" / subject)
+            and not os.path.exists(_BUILTIN_SCHEMAS / f"{subject}.json")
+        ):
+            return draft if draft.schema is None else draft._replace(schema=None)
+        rule = None
+        if naming and draft.tenant is not None:
+
+            def rule(d: Draft) -> str | None:
+                for tenant, pattern in naming:
+                    if tenant == d.tenant and not pattern.fullmatch(d.routing_key):
+                        return (
+                            f"subject {d.routing_key!r} breaks the naming rule of tenant "
+                            f"{tenant!r}: it must match {pattern.pattern!r}"
+                        )
+                return None
+
+        return self.schemas.check_draft(draft, required=required, naming=rule)
+
+    def schema_check(
+        self, subject: str, schema: bytes, compatibility: str | None = None
+    ) -> dict[str, Any]:
+        """Whether `schema` may become the subject's next version (`mesh-schema check`);
+        BadInput names each incompatibility. Writes nothing."""
+        _, mode, version = self.schemas.check_new(
+            subject, schema, compatibility, self.log.iter_events
+        )
+        return {"subject": subject, "version": version, "compatibility": mode}
+
+    def schema_add(
+        self, subject: str, schema: bytes, compatibility: str | None = None
+    ) -> dict[str, Any]:
+        """Write the subject's next version (`mesh-schema add`) and record the change as a
+        `mesh.schema.added` event."""
+        from .schemas import CHANGE_EVENT
+
+        added = self.schemas.add(subject, schema, compatibility, self.log.iter_events)
+        mode = self.schemas.mode(subject)
+        self.publish(
+            CHANGE_EVENT[0],
+            CHANGE_EVENT[1],
+            {
+                "subject": subject,
+                "version": added.version,
+                "compatibility": mode,
+                "digest": added.digest,
+            },
+            source="mesh-schema",
+            idempotency_key=f"schema:{added.ref}:{added.digest}",
+            system=True,
+        )
+        return {"subject": subject, "version": added.version, "compatibility": mode}
+
+    def schema_list(self) -> list[dict[str, Any]]:
+        """Every subject with a schema, its versions and mode (`mesh-schema list`)."""
+        found = []
+        for subject in self.schemas.subjects():
+            try:
+                versions = self.schemas.versions(subject)
+                builtin = self.schemas._folder(subject) is None
+                mode = self.schemas.mode(subject)
+            except (BadInput, OSError):
+                continue  # not a plain folder or file (it came through git): verify says so
+            found.append(
+                {
+                    "subject": subject,
+                    "versions": versions,
+                    "latest": versions[-1] if versions else None,
+                    "compatibility": mode,
+                    "builtin": builtin,
+                }
+            )
+        return found
+
+    def schema_show(self, subject: str, version: int | None = None) -> dict[str, Any]:
+        """One version of a subject's schema, the latest by default (`mesh-schema show`)."""
+        from .schemas import check_subject
+
+        check_subject(subject)
+        versions = self.schemas.versions(subject)
+        if not versions:
+            raise BadInput(f"subject {subject!r} has no schema")
+        number = versions[-1] if version is None else version
+        if number not in versions:
+            raise BadInput(f"subject {subject!r} has no version {number} (has {versions})")
+        found = self.schemas.get(subject, number)
+        return {
+            "subject": subject,
+            "version": number,
+            "compatibility": self.schemas.mode(subject),
+            "schema": found.schema,
+        }
+
     def _causation(self, ref: Any) -> Any:
         """A full id is taken as given (its event may not be imported yet); a prefix must
         name exactly one event in the local log."""
@@ -212,14 +360,14 @@ class Node:
         (a tree). A cause that is not in the local log is listed with `missing: true`."""
         event = self.get(ref)
         causes: list[dict[str, Any]] = []
-        cause_id = event.get("causation_id")
+        cause_id = self._cause_id(event)
         while cause_id is not None and len(causes) < max_events:
             cause = self.log.get(cause_id)
             if cause is None:
                 causes.append({"event_id": cause_id, "missing": True})
                 break
             causes.append(cause)
-            cause_id = cause.get("causation_id")
+            cause_id = self._cause_id(cause)
         budget = [max_events]
 
         def tree(of: Envelope) -> list[dict[str, Any]]:
@@ -232,6 +380,16 @@ class Node:
             return nodes
 
         return {"event": event, "causes": causes, "followups": tree(event)}
+
+    def _cause_id(self, event: Envelope) -> str | None:
+        """`causation_id`, or for an event migrated from orxaq-ops whose cause was another
+        node's (`legacy_causation_id`), that cause's new id once its node's migration has
+        brought it here (SPEC 12)."""
+        legacy = event.get("legacy_causation_id")
+        if legacy is None:
+            return event.get("causation_id")
+        found = self.log.find_legacy(legacy)
+        return None if found is None else str(found["event_id"])
 
     def events(
         self,
