@@ -11,6 +11,7 @@ import orjson
 import pytest
 
 from conftest import Runner, log_lines, run_process, snapshot
+from orxaq_autonomy import Mesh
 
 
 def test_init_creates_layout_and_rerun_changes_nothing(tmp_path: Path, cli: Runner) -> None:
@@ -257,7 +258,7 @@ BAD_PUBLISHES = [
     (["--payload-json", '{"big": 9223372036854775808}'], "signed 64 bit"),
     (["--causation-id", "evt_ffff"], "unknown event id"),
     (["--causation-id", "zzz"], "bad event id"),
-    (["--payload-file", "../outside.json"], "escapes the root"),
+    (["--payload-file", "../missing-outside.json"], "cannot read --payload-file"),
     (["--payload-file", "missing.json"], "cannot read --payload-file"),
     (["--payload-json", "{}", "--payload-file", "-"], "not both"),
     (["--tenant", ""], "bad tenant"),
@@ -392,3 +393,26 @@ def test_shell_completion_lists_commands(root: Path) -> None:
         [str(script), "--show-completion", "bash"], capture_output=True, text=True, check=False
     )
     assert shown.returncode == 0 and "_ORXAQ_AUTONOMY_COMPLETE" in shown.stdout
+
+
+def test_a_payload_file_may_be_anywhere_the_user_can_read(
+    tmp_path: Path, root: Path, cli: Runner
+) -> None:
+    outside = tmp_path / "elsewhere" / "payload.json"
+    outside.parent.mkdir()
+    outside.write_text('{"from": "outside"}')
+    result = cli(
+        "--root",
+        str(root),
+        "mesh-publish",
+        "--topic",
+        "ci",
+        "--event-type",
+        "x",
+        "--payload-file",
+        str(outside),
+        "--json",
+    )
+    assert result.code == 0, result.err
+    with Mesh.open(root) as mesh:
+        assert mesh.get(result.json()["event_id"])["payload"] == {"from": "outside"}

@@ -317,3 +317,22 @@ def test_library_sync_matches_cli(fleet: tuple[Path, Path, Path]) -> None:
     assert report.pushed and report.exported == 1
     with Mesh.open(b) as mesh:
         assert Syncer(mesh).run().imported == 1
+
+
+def test_a_ledger_in_another_checkout_named_by_an_absolute_override(tmp_path: Path) -> None:
+    remote = make_remote(tmp_path)
+    checkout = tmp_path / "coordination"
+    git(tmp_path, "clone", "-q", "-b", "main", str(remote), str(checkout))
+    git(checkout, "config", "user.name", "n")
+    git(checkout, "config", "user.email", "n@example.invalid")
+    root = tmp_path / "node"  # the node's own root is no git work tree at all
+    env = {"ORXAQ_AUTONOMY_GITHUB_COORDINATION_DIR": str(checkout / "ledger")}
+    assert run_process("--root", str(root), "mesh-init", "--node-id", "far", env=env).code == 0
+    published = run_process(
+        "--root", str(root), "mesh-publish", "--topic", "ci", "--event-type", "x", "--json", env=env
+    )
+    result = run_process("--root", str(root), "mesh-sync", "--json", env=env)
+    assert result.code == 0, result.err
+    assert result.json()["pushed"] is True
+    pushed = git(checkout, "ls-tree", "-r", "--name-only", "origin/main").split()
+    assert f"ledger/outbox/far/000000/{published.json()['event_id']}.json" in pushed

@@ -82,11 +82,15 @@ def sync_state(mesh: Node) -> dict[str, Any]:
         return {}
 
 
-def _open_repo(root: Path) -> Repo | None:
+def _open_repo(path: Path) -> Repo | None:
+    """The git work tree that holds `path` (the ledger: it may live in another checkout
+    than the root), found from its nearest existing folder."""
     from git import InvalidGitRepositoryError, NoSuchPathError, Repo
 
+    while not path.exists() and path != path.parent:
+        path = path.parent
     try:
-        return Repo(root, search_parent_directories=True)
+        return Repo(path, search_parent_directories=True)
     except (InvalidGitRepositoryError, NoSuchPathError):
         return None
 
@@ -136,7 +140,7 @@ class Syncer:
         from ..dispatch.dispatcher import Dispatcher
 
         report = SyncReport()
-        repo = _open_repo(self.layout.root)
+        repo = _open_repo(self.layout.ledger_dir)
         if repo is None and push:
             raise BadInput(
                 f"{self.layout.root} is not in a git work tree: clone the coordination "
@@ -276,7 +280,7 @@ class Syncer:
     def _refuse(self, paths: list[bytes]) -> dict[bytes, str]:
         """Incoming paths that belong to this node alone: its state, its log, and whatever
         its .gitignore ignores (as it stands before the pull)."""
-        repo = _open_repo(self.layout.root)
+        repo = _open_repo(self.layout.ledger_dir)
         assert repo is not None
         git = self._git(repo)
         private = [
@@ -452,7 +456,7 @@ def changed_since(
 def tracked_private_files(layout: Layout) -> list[str]:
     """Node-private files that the git repository around the root tracks: on a fresh
     clone, they came from the remote (a config naming a handler, a key, pins)."""
-    repo = _open_repo(layout.root)
+    repo = _open_repo(layout.ledger_dir)
     if repo is None or not repo.head.is_valid():
         return []
     top = Path(str(repo.working_tree_dir)).resolve()

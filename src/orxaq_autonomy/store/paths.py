@@ -81,8 +81,10 @@ class Layout:
 
     def relative(self, path: Path) -> str:
         """`path` relative to the root, as one printable line: a name that arrived through
-        git may hold bytes that are not UTF-8 (shown as \\xNN) or control characters."""
-        return printable(path.relative_to(self.root).as_posix())
+        git may hold bytes that are not UTF-8 (shown as \\xNN) or control characters. A path
+        outside the root (an override naming another checkout) is shown whole."""
+        shown = path.relative_to(self.root) if path.is_relative_to(self.root) else path
+        return printable(shown.as_posix())
 
 
 def resolve_root(root: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Path:
@@ -91,11 +93,17 @@ def resolve_root(root: str | os.PathLike[str] | None, env: Mapping[str, str]) ->
 
 
 def _inside(root: Path, raw: str | None, default: Path, variable: str) -> Path:
+    """An override: an absolute path is taken as it is (a ledger in another checkout, state
+    on another disk, as orxaq-ops allowed); a relative one is taken from the root and must
+    stay inside it."""
     if not raw:
         return root / default
-    path = (root / Path(raw).expanduser()).resolve()
+    given = Path(raw).expanduser()
+    if given.is_absolute():
+        return given.resolve()
+    path = (root / given).resolve()
     if not path.is_relative_to(root):
-        raise BadInput(f"{variable}={raw} escapes the root {root}")
+        raise BadInput(f"{variable}={raw} escapes the root {root}; give an absolute path")
     return path
 
 
@@ -119,8 +127,6 @@ def resolve_layout(
 
 
 def resolve_input_file(layout: Layout, raw: str) -> Path:
-    """A file the user names as input; it must stay inside the root (SPEC 8)."""
-    path = (layout.root / Path(raw).expanduser()).resolve()
-    if not path.is_relative_to(layout.root):
-        raise BadInput(f"path {raw} escapes the root {layout.root}")
-    return path
+    """A file the user names as input (`--payload-file`): anywhere the user can read; a
+    relative path is taken from the root."""
+    return (layout.root / Path(raw).expanduser()).resolve()
