@@ -368,18 +368,12 @@ def mesh_log(
     if output == "text" and (as_json or _globals.json):
         output = "json"
     mesh = _open_node()
-    if not follow and not wanted:
-        events = mesh.events(match=match, node=node, since=since, limit=limit)
-    else:
+    if "target" in wanted:
         from .envelope import normalise_node_id
 
-        if "target" in wanted:
-            wanted["target"] = normalise_node_id(wanted["target"])
-        # validates --match, --node, --since and --limit as a plain query does
-        mesh.events(match=match, node=node, since=since, limit=1)
-        keep = _log_filter(match, node, since, wanted)
-        end = mesh.log.committed().log_size
-        events = _pick(mesh, keep, limit, end)
+        wanted["target"] = normalise_node_id(wanted["target"])
+    end = mesh.log.committed().log_size
+    events = mesh.events(match=match, node=node, since=since, limit=limit, fields=wanted, end=end)
     if output == "cloudevents":
         from .gateway.intake import to_cloudevent
 
@@ -391,45 +385,7 @@ def mesh_log(
     else:
         _write_lines(_one_line(e) for e in events)
     if follow:
-        _follow(mesh, keep, end, output)
-
-
-def _log_filter(
-    match: str | None, node: str | None, since: str | None, wanted: dict[str, str]
-) -> Callable[[dict[str, Any]], bool]:
-    from .envelope import normalise_timestamp, routing_key
-    from .patterns import compile_pattern
-
-    pattern = compile_pattern(match) if match else None
-    since_ts = normalise_timestamp(since, "since") if since is not None else None
-    pairs = tuple(wanted.items())
-
-    def keep(event: dict[str, Any]) -> bool:
-        return (
-            all(event.get(k) == v for k, v in pairs)
-            and (node is None or event["node_id"] == node)
-            and (since_ts is None or event["timestamp"] >= since_ts)
-            and (pattern is None or pattern.matches(routing_key(event)))
-        )
-
-    return keep
-
-
-def _pick(
-    mesh: Node, keep: Callable[[dict[str, Any]], bool], limit: int | None, end: int
-) -> list[dict[str, Any]]:
-    """The matching events up to byte `end`; with `limit`, the most recent of them (read
-    backwards, so the cost is what is taken)."""
-    if limit is None:
-        return [e for e in mesh.log.iter_events(0, end) if keep(e)]
-    picked: list[dict[str, Any]] = []
-    for event in mesh.log.iter_events_reverse(end):
-        if keep(event):
-            picked.append(event)
-            if len(picked) == limit:
-                break
-    picked.reverse()
-    return picked
+        _follow(mesh, mesh.event_filter(match, node, since, wanted), end, output)
 
 
 def _write_lines(lines: Iterator[str]) -> None:

@@ -6,7 +6,7 @@ ledger, gateway) take a Node, and `mesh.Mesh` is the facade that adds them on to
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Self
 
@@ -391,32 +391,52 @@ class Node:
         found = self.log.find_legacy(legacy)
         return None if found is None else str(found["event_id"])
 
+    def event_filter(
+        self,
+        match: str | None = None,
+        node: str | None = None,
+        since: str | None = None,
+        fields: Mapping[str, str] | None = None,
+    ) -> Callable[[Envelope], bool]:
+        """A predicate for events: a routing-key pattern, an author, a time, and envelope
+        fields that must be equal (`{"tenant": "acme"}`)."""
+        pattern = compile_pattern(match) if match else None
+        if node is not None:
+            check_node_id(node, "node id")
+        since_ts = normalise_timestamp(since, "since") if since is not None else None
+        pairs = tuple((fields or {}).items())
+
+        def keep(event: Envelope) -> bool:
+            return (
+                all(event.get(k) == v for k, v in pairs)
+                and (node is None or event["node_id"] == node)
+                and (since_ts is None or event["timestamp"] >= since_ts)
+                and (pattern is None or pattern.matches(routing_key(event)))
+            )
+
+        return keep
+
     def events(
         self,
         match: str | None = None,
         node: str | None = None,
         since: str | None = None,
         limit: int | None = None,
+        fields: Mapping[str, str] | None = None,
+        end: int | None = None,
     ) -> list[Envelope]:
-        """Events in arrival order, filtered; with `limit`, the most recent `limit` of them."""
-        pattern = compile_pattern(match) if match else None
-        if node is not None:
-            check_node_id(node, "node id")
-        since_ts = normalise_timestamp(since, "since") if since is not None else None
+        """Events in arrival order, filtered (see event_filter), up to byte `end` of the log;
+        with `limit`, the most recent `limit` of them (read backwards: the cost is what is
+        taken)."""
+        keep = self.event_filter(match, node, since, fields)
         if limit is not None and limit < 1:
             raise BadInput(f"bad limit {limit}: need a positive integer")
-
-        def keep(event: Envelope) -> bool:
-            return (
-                (node is None or event["node_id"] == node)
-                and (since_ts is None or event["timestamp"] >= since_ts)
-                and (pattern is None or pattern.matches(routing_key(event)))
-            )
-
+        if end is None:
+            end = self.log.committed().log_size
         if limit is None:
-            return [e for e in self.log.iter_events() if keep(e)]
+            return [e for e in self.log.iter_events(0, end) if keep(e)]
         picked: list[Envelope] = []
-        for event in self.log.iter_events_reverse():
+        for event in self.log.iter_events_reverse(end):
             if keep(event):
                 picked.append(event)
                 if len(picked) == limit:
